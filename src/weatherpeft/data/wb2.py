@@ -1,0 +1,716 @@
+"""WeatherBench2-layout reader: zarr or netCDF stores of ERA5-like fields → ``aurora.Batch``.
+
+A store is opened once and put into WB2's canonical form (canonical variable names; dims
+(time, level, longitude, latitude); time, level, longitude and latitude ascending; longitude
+in [0, 360)) — so the reader that opens the built-in world also opens real ERA5, whatever
+its names, dimension order or latitude direction. :class:`WB2Dataset` then serves
+(input, target) pairs of :class:`aurora.Batch` in physical units with latitude decreasing,
+as Aurora requires.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from aurora import Batch, Metadata
+
+__all__ = [
+    "AURORA_NAMES",
+    "SOURCE_ATTR",
+    "STORE_NAMES",
+    "SampleSpec",
+    "StoreReport",
+    "StoreSelection",
+    "WB2Dataset",
+    "canonicalise",
+    "check_finite",
+    "collate_batches",
+    "open_store",
+    "read_fields",
+    "read_static",
+    "select",
+    "time_blocks",
+    "validate",
+]
+
+#: Store / ERA5 (CF netCDF and GRIB) names → canonical WeatherBench2 names. Dimensions too.
+STORE_NAMES: dict[str, str] = {
+    "t": "temperature",
+    "z": "geopotential",
+    "u": "u_component_of_wind",
+    "v": "v_component_of_wind",
+    "q": "specific_humidity",
+    "t2m": "2m_temperature",
+    "2t": "2m_temperature",
+    "u10": "10m_u_component_of_wind",
+    "10u": "10m_u_component_of_wind",
+    "v10": "10m_v_component_of_wind",
+    "10v": "10m_v_component_of_wind",
+    "msl": "mean_sea_level_pressure",
+    "tp": "total_precipitation_6hr",
+    "lsm": "land_sea_mask",
+    "isobaricInhPa": "level",
+    "pressure_level": "level",
+    "plev": "level",
+    "lat": "latitude",
+    "lon": "longitude",
+    "valid_time": "time",
+}
+
+#: Canonical WeatherBench2 names → Aurora's variable names in a ``Batch``.
+AURORA_NAMES: dict[str, str] = {
+    "2m_temperature": "2t",
+    "10m_u_component_of_wind": "10u",
+    "10m_v_component_of_wind": "10v",
+    "mean_sea_level_pressure": "msl",
+    "total_precipitation_6hr": "tp",
+    "geopotential": "z",
+    "temperature": "t",
+    "u_component_of_wind": "u",
+    "v_component_of_wind": "v",
+    "specific_humidity": "q",
+    "land_sea_mask": "lsm",
+    "geopotential_at_surface": "z",
+}
+
+_CANONICAL_DIMS = ("time", "level", "longitude", "latitude")
+#: Dataset attribute where :func:`open_store` records the path, for error messages.
+SOURCE_ATTR = "weatherpeft_source"
+
+
+# --------------------------------------------------------------------------------------
+# Opening and canonicalising a store
+# --------------------------------------------------------------------------------------
+
+
+def _is_zarr_dir(path: Path) -> bool:
+    return any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zmetadata", ".zarray"))
+
+
+def _looks_like_netcdf(path: Path) -> bool:
+    if path.suffix.lower() in {".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5"}:
+        return True
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    return magic[:3] == b"CDF" or magic == b"\x89HDF\r\n\x1a\n"
+
+
+def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Open a local WB2-layout zarr directory or netCDF file lazily, in canonical form.
+
+    ``names`` adds to (and overrides) :data:`STORE_NAMES`. Nothing is read but metadata and
+    coordinates; see :func:`canonicalise` for what is changed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"store not found: {path}")
+    if path.is_dir():
+        if not _is_zarr_dir(path):
+            raise ValueError(f"cannot open {path}: a directory, but not a zarr store "
+                             "(no zarr.json, .zgroup or .zmetadata inside)")
+        try:
+            ds = xr.open_zarr(path, consolidated=True, chunks=None)
+        except (ValueError, KeyError, FileNotFoundError):
+            try:
+                ds = xr.open_zarr(path, consolidated=False, chunks=None)
+            except Exception as error:  # zarr raises many types for a broken store
+                raise ValueError(f"cannot read zarr store {path}: {error}") from error
+    else:
+        if not _looks_like_netcdf(path):
+            raise ValueError(f"cannot open {path}: unsupported format (expected a zarr "
+                             "directory or a netCDF file)")
+        try:
+            ds = xr.open_dataset(path, cache=False)
+        except Exception as error:  # netCDF4/h5netcdf raise OSError, ValueError, ...
+            raise ValueError(f"cannot read netCDF file {path}: {error}") from error
+    if not ds.data_vars:
+        raise ValueError(f"cannot read {path}: it holds no data variables")
+    ds.attrs[SOURCE_ATTR] = str(path)
+    return canonicalise(ds, names)
+
+
+def _rename_table(ds: xr.Dataset, names: Mapping[str, str] | None) -> dict[str, str]:
+    """What to rename in ``ds``; a name whose canonical form already exists is left alone."""
+    table = {**STORE_NAMES, **(names or {})}
+    present = set(ds.variables) | set(ds.dims)
+    renames: dict[str, str] = {}
+    for source, target in table.items():
+        if source not in present or source == target:
+            continue
+        if target == "geopotential" and source in ds.data_vars:
+            # ERA5 single-level files call the orography "z" too: no level dim → static.
+            if not any(table.get(dim, dim) == "level" for dim in ds[source].dims):
+                target = "geopotential_at_surface"
+        if target in present or target in renames.values():
+            continue
+        renames[source] = target
+    return renames
+
+
+def _sorted_ascending(ds: xr.Dataset, dim: str) -> xr.Dataset:
+    """Make coordinate ``dim`` strictly ascending (lazy: a reversed slice or a sort)."""
+    values = ds[dim].values
+    if values.size < 2:
+        return ds
+    steps = np.diff(values)
+    if np.all(steps < 0):
+        return ds.isel({dim: slice(None, None, -1)})
+    if not np.all(steps > 0):
+        ds = ds.sortby(dim)
+        if np.any(np.diff(ds[dim].values) == 0):
+            duplicates = pd.Index(values)[pd.Index(values).duplicated()].unique().tolist()
+            raise ValueError(f"coordinate '{dim}' has duplicate values: {duplicates[:5]}")
+    return ds
+
+
+def canonicalise(ds: xr.Dataset, names: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Put a dataset into WB2's canonical form (idempotent, lazy).
+
+    Renames via :data:`STORE_NAMES` (+ ``names``); level in hPa; longitude in [0, 360);
+    time, level, longitude, latitude ascending; variables transposed to
+    (time, level, longitude, latitude) by name, whatever their order on disk.
+    """
+    ds = ds.rename(_rename_table(ds, names))
+    for dim in ("latitude", "longitude"):
+        if dim not in ds.dims:
+            raise ValueError(f"store has no '{dim}' dimension; it has dims {sorted(map(str, ds.dims))} "
+                             "(add the mapping to `names`)")
+        if ds[dim].ndim != 1:
+            raise ValueError(f"'{dim}' must be a 1-D coordinate, got dims {ds[dim].dims}")
+    if "level" in ds.dims:
+        level = ds["level"]
+        units = str(level.attrs.get("units", "")).strip().lower()
+        if units == "pa" or (not units and float(np.max(level.values)) > 1100):
+            ds = ds.assign_coords(level=level.values / 100.0)
+            ds["level"].attrs["units"] = "hPa"
+    lon = ds["longitude"].values
+    if np.any(lon < 0) or np.any(lon >= 360):
+        ds = ds.assign_coords(longitude=np.mod(lon, 360.0))
+    if "time" in ds.dims:
+        ds = _ensure_datetime64(ds)
+    for dim in _CANONICAL_DIMS:
+        if dim in ds.dims:
+            ds = _sorted_ascending(ds, dim)
+    return ds.transpose(..., *_CANONICAL_DIMS, missing_dims="ignore")
+
+
+def _ensure_datetime64(ds: xr.Dataset) -> xr.Dataset:
+    index = ds.indexes["time"]
+    if isinstance(index, pd.DatetimeIndex):
+        return ds
+    if isinstance(index, xr.CFTimeIndex):
+        try:  # non-standard calendars convert with xarray's warning; gaps then drop samples
+            try:
+                converted = index.to_datetimeindex(time_unit="ns")
+            except TypeError:  # xarray before the time_unit keyword
+                converted = index.to_datetimeindex()
+            return ds.assign_coords(time=converted)
+        except ValueError as error:
+            raise ValueError(f"time uses calendar '{index.calendar}', which has no "
+                             f"numpy datetime64 equivalent: {error}") from error
+    raise ValueError(f"time coordinate must hold dates, got dtype {ds['time'].dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# What to read: the sample specification and its resolution against a store
+# --------------------------------------------------------------------------------------
+
+
+def _as_timestamp(value) -> np.datetime64 | None:
+    if value is None:
+        return None
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return np.datetime64(stamp.value, "ns")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a sample holds and where it comes from.
+
+    Variable names may be canonical WB2 names, store names or Aurora names (all go through
+    the name table). ``levels=None`` takes every level in the store. Inputs are the times
+    t − (history − 1)·step … t, the target is t + lead (lead 0: target = last input).
+    ``start``/``end`` bound every time a sample touches (inclusive); ``None`` = store's ends.
+    ``step=None`` infers the store's commonest time spacing. ``in_memory=None`` loads the
+    selection into RAM when it needs at most ``max_memory_bytes``; otherwise reads lazily.
+    """
+
+    surf_vars: tuple[str, ...] = ("2m_temperature", "10m_u_component_of_wind",
+                                  "10m_v_component_of_wind", "mean_sea_level_pressure")
+    atmos_vars: tuple[str, ...] = ("geopotential", "temperature", "u_component_of_wind",
+                                   "v_component_of_wind", "specific_humidity")
+    static_vars: tuple[str, ...] = ("land_sea_mask", "geopotential_at_surface")
+    levels: tuple[float, ...] | None = None
+    history: int = 2
+    lead: timedelta = timedelta(hours=6)
+    step: timedelta | None = None
+    start: datetime | str | None = None
+    end: datetime | str | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
+    aurora_names: Mapping[str, str] = field(default_factory=dict)
+    in_memory: bool | None = None
+    max_memory_bytes: int = 2 * 2**30
+
+    def __post_init__(self) -> None:
+        for name in ("surf_vars", "atmos_vars", "static_vars"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
+        object.__setattr__(self, "lead", pd.Timedelta(self.lead).to_pytimedelta())
+        if self.step is not None:
+            object.__setattr__(self, "step", pd.Timedelta(self.step).to_pytimedelta())
+            if self.step <= timedelta(0):
+                raise ValueError(f"step must be positive, got {self.step}")
+        if self.history < 1:
+            raise ValueError(f"history must be at least 1, got {self.history}")
+        if self.lead < timedelta(0):
+            raise ValueError(f"lead must not be negative, got {self.lead}")
+        if not self.surf_vars and not self.atmos_vars:
+            raise ValueError("a sample needs at least one surface or atmospheric variable")
+
+
+@dataclass(frozen=True, eq=False)
+class StoreSelection:
+    """A :class:`SampleSpec` resolved against one canonical store.
+
+    ``surf``/``atmos``/``static`` map canonical store names to Aurora names. ``level_index``
+    indexes the store's level axis in the order of ``levels``. ``positions`` are the store
+    time indices inside [start, end]; ``times`` all store times (datetime64[ns]).
+    """
+
+    surf: dict[str, str]
+    atmos: dict[str, str]
+    static: dict[str, str]
+    levels: tuple[int | float, ...]
+    level_index: np.ndarray
+    times: np.ndarray
+    positions: np.ndarray
+    start: np.datetime64
+    end: np.datetime64
+    step_ns: int
+    lat: np.ndarray  # decreasing, as Aurora wants
+    lon: np.ndarray
+
+    @property
+    def dynamic(self) -> dict[str, str]:
+        """Surface and atmospheric variables together (canonical → Aurora)."""
+        return {**self.surf, **self.atmos}
+
+    def timestamp(self, position: int) -> str:
+        """The store time at ``position`` as ISO text, for messages."""
+        return str(pd.Timestamp(self.times[position]))
+
+
+def _resolve_variable(ds: xr.Dataset, name: str, kind: str, spec: SampleSpec, source: str) -> str:
+    table = {**STORE_NAMES, **spec.names}
+    canonical = table.get(name, name)
+    if kind == "static" and canonical == "geopotential":
+        canonical = "geopotential_at_surface"  # Aurora's static "z"
+    if canonical not in ds.data_vars:
+        asked = f" (asked as '{name}')" if canonical != name else ""
+        raise ValueError(f"variable '{canonical}'{asked} not in store {source}; "
+                         f"it has: {sorted(map(str, ds.data_vars))}")
+    dims = set(ds[canonical].dims)
+    needed = {"surf": {"time", "latitude", "longitude"},
+              "atmos": {"time", "level", "latitude", "longitude"},
+              "static": {"latitude", "longitude"}}[kind]
+    if not needed <= dims or (kind == "surf" and "level" in dims):
+        raise ValueError(f"{kind} variable '{canonical}' in {source} has dims "
+                         f"{ds[canonical].dims}; expected {sorted(needed)}")
+    extra = dims - needed - {"time", "level"}
+    big = [d for d in extra if ds.sizes[d] != 1]
+    if big:
+        raise ValueError(f"variable '{canonical}' in {source} has extra dims {big} of size > 1")
+    return canonical
+
+
+def _aurora_name(canonical: str, spec: SampleSpec) -> str:
+    table = {**AURORA_NAMES, **spec.aurora_names}
+    if canonical not in table:
+        raise ValueError(f"no Aurora name for variable '{canonical}'; add it to "
+                         "SampleSpec.aurora_names")
+    return table[canonical]
+
+
+def _level_value(level: float) -> int | float:
+    return int(level) if float(level).is_integer() else float(level)
+
+
+def _infer_step_ns(times: np.ndarray, spec: SampleSpec, source: str) -> int:
+    if spec.step is not None:
+        return int(pd.Timedelta(spec.step).value)
+    if times.size < 2:
+        raise ValueError(f"store {source} has {times.size} time(s): cannot infer the time "
+                         "step; set SampleSpec.step")
+    diffs, counts = np.unique(np.diff(times.astype(np.int64)), return_counts=True)
+    return int(diffs[np.argmax(counts)])
+
+
+def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
+    """Resolve ``spec`` against a canonical dataset; raise a clear ``ValueError`` if it can't.
+
+    Checks variables (listing what the store has), levels (listing what is available) and
+    that [start, end] lies inside the store's time range (showing that range).
+    """
+    source = ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>")
+    surf = {v: _aurora_name(v, spec) for v in
+            (_resolve_variable(ds, n, "surf", spec, source) for n in spec.surf_vars)}
+    atmos = {v: _aurora_name(v, spec) for v in
+             (_resolve_variable(ds, n, "atmos", spec, source) for n in spec.atmos_vars)}
+    static = {v: _aurora_name(v, spec) for v in
+              (_resolve_variable(ds, n, "static", spec, source) for n in spec.static_vars)}
+
+    if atmos:
+        available = ds["level"].values.astype(np.float64)
+        wanted = available if spec.levels is None else np.asarray(spec.levels, dtype=np.float64)
+        level_index = []
+        for level in wanted:
+            match = np.nonzero(np.isclose(available, level))[0]
+            if match.size == 0:
+                raise ValueError(f"level {_level_value(level)} hPa not in store {source}; "
+                                 f"available: {[_level_value(a) for a in available]}")
+            level_index.append(int(match[0]))
+        level_index_arr = np.asarray(level_index, dtype=np.int64)
+        levels = tuple(_level_value(available[i]) for i in level_index_arr)
+    else:
+        level_index_arr = np.zeros(0, dtype=np.int64)
+        levels = ()
+
+    if "time" not in ds.dims:
+        raise ValueError(f"store {source} has no 'time' dimension")
+    times = ds["time"].values.astype("datetime64[ns]")
+    if times.size == 0:
+        raise ValueError(f"store {source} holds no times")
+    first, last = times[0], times[-1]
+    start = _as_timestamp(spec.start) if spec.start is not None else first
+    end = _as_timestamp(spec.end) if spec.end is not None else last
+    if start > end:
+        raise ValueError(f"time range start {pd.Timestamp(start)} is after end {pd.Timestamp(end)}")
+    if start < first or end > last:
+        raise ValueError(f"time range {pd.Timestamp(start)} – {pd.Timestamp(end)} is not inside "
+                         f"store {source}, which covers {pd.Timestamp(first)} – {pd.Timestamp(last)}")
+    positions = np.nonzero((times >= start) & (times <= end))[0]
+
+    lat = ds["latitude"].values.astype(np.float64)[::-1].copy()
+    lon = ds["longitude"].values.astype(np.float64)
+    return StoreSelection(surf=surf, atmos=atmos, static=static, levels=levels,
+                          level_index=level_index_arr, times=times, positions=positions,
+                          start=start, end=end, step_ns=_infer_step_ns(times, spec, source),
+                          lat=lat, lon=lon)
+
+
+# --------------------------------------------------------------------------------------
+# Reading fields
+# --------------------------------------------------------------------------------------
+
+
+def _indexer(index: np.ndarray) -> slice | np.ndarray:
+    """A slice where the indices are a contiguous ascending run (cheaper for every backend)."""
+    if index.size and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def read_fields(ds: xr.Dataset, name: str, positions: np.ndarray,
+                level_index: np.ndarray | None = None) -> np.ndarray:
+    """Read one variable at store time indices ``positions`` as float32, Aurora layout.
+
+    Returns (n, H, W) for surface variables or (n, C, H, W) for atmospheric ones (levels in
+    ``level_index`` order), latitude decreasing. Only the needed times and levels are read.
+    """
+    array = ds[name]
+    extra = {d: 0 for d in array.dims if d not in _CANONICAL_DIMS}
+    index: dict = {"time": _indexer(np.asarray(positions)), **extra}
+    order = ["time", "latitude", "longitude"]
+    if "level" in array.dims:
+        index["level"] = _indexer(np.asarray(level_index))
+        order.insert(1, "level")
+    values = array.isel(index).transpose(*order).values
+    return np.ascontiguousarray(values[..., ::-1, :], dtype=np.float32)
+
+
+def read_static(ds: xr.Dataset, name: str) -> np.ndarray:
+    """A static field (H, W) as float32, latitude decreasing; a time axis, if any, is dropped."""
+    array = ds[name]
+    array = array.isel({d: 0 for d in array.dims if d not in ("latitude", "longitude")})
+    values = array.transpose("latitude", "longitude").values
+    return np.ascontiguousarray(values[::-1, :], dtype=np.float32)
+
+
+def _first_nonfinite(values: np.ndarray) -> tuple[int, int | None] | None:
+    """(time offset, level offset or None) of the first non-finite value, or None."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    where = np.argwhere(bad)[0]
+    return int(where[0]), (int(where[1]) if values.ndim == 4 else None)
+
+
+def check_finite(values: np.ndarray, name: str, positions: np.ndarray,
+                 selection: StoreSelection, source: str) -> None:
+    """Raise ``ValueError`` naming variable, level and timestamp of the first NaN/inf."""
+    found = _first_nonfinite(values)
+    if found is None:
+        return
+    offset, level_offset = found
+    position = int(positions[offset])
+    level = f" at level {selection.levels[level_offset]} hPa" if level_offset is not None else ""
+    raise ValueError(f"NaN/inf in variable '{name}'{level} at time {selection.timestamp(position)} "
+                     f"(store time index {position}) in {source}")
+
+
+def _bytes_per_step(selection: StoreSelection) -> int:
+    height, width = len(selection.lat), len(selection.lon)
+    fields = len(selection.surf) + len(selection.atmos) * len(selection.levels)
+    return 4 * fields * height * width
+
+
+def time_blocks(selection: StoreSelection, positions: np.ndarray,
+                block_bytes: int = 64 * 2**20) -> Iterator[np.ndarray]:
+    """Split store time indices into blocks whose fields take about ``block_bytes``."""
+    steps = max(1, block_bytes // max(_bytes_per_step(selection), 1))
+    for begin in range(0, len(positions), steps):
+        yield positions[begin:begin + steps]
+
+
+# --------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """Result of a clean :func:`validate`: what the selection holds."""
+
+    n_samples: int
+    n_times: int
+    first: datetime
+    last: datetime
+    step: timedelta
+    gaps: tuple[tuple[datetime, datetime], ...]
+
+
+def _to_datetime(value: np.datetime64) -> datetime:
+    return pd.Timestamp(value).to_pydatetime()
+
+
+class WB2Dataset(torch.utils.data.Dataset):
+    """(input, target) ``aurora.Batch`` pairs from a WB2-layout store.
+
+    Input: surf_vars (1, history, H, W), atmos_vars (1, history, C, H, W), static_vars (H, W),
+    metadata time = (last input time,). Target: the same with one time step at t + lead.
+    Values are float32 in physical units (Aurora normalises internally); latitude decreases.
+    Only samples whose every time is present in the store and inside [start, end] exist, so
+    gaps never produce wrongly spaced pairs. Static tensors are shared between samples.
+    """
+
+    def __init__(self, source: str | os.PathLike | xr.Dataset, spec: SampleSpec | None = None):
+        self.spec = spec or SampleSpec()
+        if isinstance(source, xr.Dataset):
+            self._path: Path | None = None
+            self._ds = canonicalise(source, self.spec.names)
+        else:
+            self._path = Path(source)
+            self._ds = open_store(self._path, self.spec.names)
+        self._pid = os.getpid()
+        self.source = str(self._ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+        self.selection = select(self._ds, self.spec)
+        self._inputs, self._targets = self._sample_positions()
+        if len(self._targets) == 0:
+            step = timedelta(microseconds=self.selection.step_ns // 1000)
+            raise ValueError(
+                f"no complete samples in {pd.Timestamp(self.selection.start)} – "
+                f"{pd.Timestamp(self.selection.end)} of {self.source} (history "
+                f"{self.spec.history}, step {step}, lead {self.spec.lead}): too short a range, "
+                "or every sample crosses a gap in time")
+        self._lat = torch.from_numpy(self.selection.lat.astype(np.float32))
+        self._lon = torch.from_numpy(self.selection.lon.astype(np.float32))
+        self._static = {}
+        for name, aurora_name in self.selection.static.items():
+            values = read_static(self._ds, name)
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"NaN/inf in static variable '{name}' in {self.source}")
+            self._static[aurora_name] = torch.from_numpy(values)
+        self._cache: dict[str, np.ndarray] | None = None
+        self._cache_offset = 0
+        if self._load_into_memory():
+            self._fill_cache()
+
+    # -- sample bookkeeping -------------------------------------------------------------
+
+    def _sample_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Store time indices of every valid sample: inputs (N, history) and targets (N,)."""
+        sel = self.selection
+        times = sel.times.astype(np.int64)
+        last_inputs = sel.positions
+        offsets = [-(self.spec.history - 1 - k) * sel.step_ns for k in range(self.spec.history)]
+        offsets.append(int(pd.Timedelta(self.spec.lead).value))
+        start, end = int(sel.start.astype(np.int64)), int(sel.end.astype(np.int64))
+        columns, valid = [], np.ones(len(last_inputs), dtype=bool)
+        for offset in offsets:
+            wanted = times[last_inputs] + offset
+            found = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
+            valid &= (times[found] == wanted) & (wanted >= start) & (wanted <= end)
+            columns.append(found)
+        positions = np.stack(columns, axis=1)[valid]
+        return positions[:, :-1].copy(), positions[:, -1].copy()
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def _check_index(self, index: int) -> int:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        return index
+
+    def sample_times(self, index: int) -> tuple[tuple[datetime, ...], datetime]:
+        """(input times, target time) of sample ``index``."""
+        index = self._check_index(index)
+        times = self.selection.times
+        return (tuple(_to_datetime(times[p]) for p in self._inputs[index]),
+                _to_datetime(times[self._targets[index]]))
+
+    @property
+    def needed_positions(self) -> np.ndarray:
+        """Sorted store time indices that some sample reads."""
+        return np.unique(np.concatenate([self._inputs.ravel(), self._targets]))
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _dataset(self) -> xr.Dataset:
+        """The open store; reopened once in a forked DataLoader worker (file handles)."""
+        if self._path is not None and os.getpid() != self._pid:
+            self._ds = open_store(self._path, self.spec.names)
+            self._pid = os.getpid()
+        return self._ds
+
+    def _load_into_memory(self) -> bool:
+        if self.spec.in_memory is not None:
+            return self.spec.in_memory
+        needed = self.needed_positions
+        span = int(needed[-1] - needed[0] + 1)
+        return span * _bytes_per_step(self.selection) <= self.spec.max_memory_bytes
+
+    def _fill_cache(self) -> None:
+        """Load the span of needed times, block by block, into float32 arrays."""
+        needed = self.needed_positions
+        span = np.arange(needed[0], needed[-1] + 1)
+        cache: dict[str, np.ndarray] = {}
+        for name in self.selection.dynamic:
+            parts = [read_fields(self._ds, name, chunk, self.selection.level_index)
+                     for chunk in time_blocks(self.selection, span, 256 * 2**20)]
+            cache[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._cache, self._cache_offset = cache, int(span[0])
+
+    def _read(self, name: str, positions: np.ndarray) -> np.ndarray:
+        if self._cache is not None:
+            return self._cache[name][positions - self._cache_offset]  # fancy index: a copy
+        return read_fields(self._dataset(), name, positions, self.selection.level_index)
+
+    def __getitem__(self, index: int) -> tuple[Batch, Batch]:
+        index = self._check_index(index)
+        history = self.spec.history
+        wanted = np.append(self._inputs[index], self._targets[index])
+        positions, inverse = np.unique(wanted, return_inverse=True)
+        surf_in, surf_out, atmos_in, atmos_out = {}, {}, {}, {}
+        for name, aurora_name in self.selection.dynamic.items():
+            values = self._read(name, positions)
+            check_finite(values, name, positions, self.selection, self.source)
+            inputs = torch.from_numpy(values[inverse[:history]][None])
+            target = torch.from_numpy(values[inverse[history:]][None])
+            if name in self.selection.atmos:
+                atmos_in[aurora_name], atmos_out[aurora_name] = inputs, target
+            else:
+                surf_in[aurora_name], surf_out[aurora_name] = inputs, target
+        times = self.selection.times
+        return (self._batch(surf_in, atmos_in, times[self._inputs[index][-1]]),
+                self._batch(surf_out, atmos_out, times[self._targets[index]]))
+
+    def _batch(self, surf: dict, atmos: dict, time: np.datetime64) -> Batch:
+        metadata = Metadata(lat=self._lat, lon=self._lon, time=(_to_datetime(time),),
+                            atmos_levels=self.selection.levels)
+        return Batch(surf_vars=surf, static_vars=dict(self._static), atmos_vars=atmos,
+                     metadata=metadata)
+
+    # -- checking -----------------------------------------------------------------------
+
+    def validate(self, block_bytes: int = 64 * 2**20) -> StoreReport:
+        """Scan every time a sample reads, block by block; raise at the first NaN/inf."""
+        sel = self.selection
+        needed = self.needed_positions
+        ds = self._dataset()
+        for chunk in time_blocks(sel, needed, block_bytes):
+            for name in sel.dynamic:
+                values = self._cache[name][chunk - self._cache_offset] if self._cache is not None \
+                    else read_fields(ds, name, chunk, sel.level_index)
+                check_finite(values, name, chunk, sel, self.source)
+        in_range = sel.times[sel.positions].astype(np.int64)
+        jumps = np.nonzero(np.diff(in_range) != sel.step_ns)[0]
+        gaps = tuple((_to_datetime(sel.times[sel.positions[j]]),
+                      _to_datetime(sel.times[sel.positions[j + 1]])) for j in jumps)
+        return StoreReport(n_samples=len(self), n_times=len(needed),
+                           first=_to_datetime(sel.times[needed[0]]),
+                           last=_to_datetime(sel.times[needed[-1]]),
+                           step=timedelta(microseconds=sel.step_ns // 1000), gaps=gaps)
+
+
+def validate(source: str | os.PathLike | xr.Dataset | WB2Dataset,
+             spec: SampleSpec | None = None) -> StoreReport:
+    """Check a store against ``spec`` without training on it; raise at the first problem.
+
+    Problems: missing variable or level, time range outside the store, no complete sample,
+    NaN/inf in any field a sample would read (named with variable, level and timestamp).
+    Reads lazily, chunk by chunk, so it works on stores larger than memory.
+    """
+    if isinstance(source, WB2Dataset):
+        return source.validate()
+    spec = spec or SampleSpec()
+    return WB2Dataset(source, replace(spec, in_memory=False)).validate()
+
+
+def collate_batches(pairs: Sequence[tuple[Batch, Batch]]) -> tuple[Batch, Batch]:
+    """Stack (input, target) pairs along the batch dim; usable as a DataLoader ``collate_fn``.
+
+    All pairs must share grid, levels and variables; static fields are taken from the first.
+    Metadata time becomes the tuple of every element's time.
+    """
+    if not pairs:
+        raise ValueError("collate_batches got no samples")
+    return _stack([p[0] for p in pairs]), _stack([p[1] for p in pairs])
+
+
+def _stack(batches: Sequence[Batch]) -> Batch:
+    first = batches[0]
+    for other in batches[1:]:
+        meta, ref = other.metadata, first.metadata
+        if (meta.atmos_levels != ref.atmos_levels or not torch.equal(meta.lat, ref.lat)
+                or not torch.equal(meta.lon, ref.lon)):
+            raise ValueError("cannot collate batches on different grids or levels")
+        if other.surf_vars.keys() != first.surf_vars.keys() or \
+                other.atmos_vars.keys() != first.atmos_vars.keys():
+            raise ValueError("cannot collate batches with different variables: "
+                             f"{sorted(first.surf_vars) + sorted(first.atmos_vars)} vs "
+                             f"{sorted(other.surf_vars) + sorted(other.atmos_vars)}")
+    metadata = Metadata(lat=first.metadata.lat, lon=first.metadata.lon,
+                        time=tuple(t for b in batches for t in b.metadata.time),
+                        atmos_levels=first.metadata.atmos_levels,
+                        rollout_step=first.metadata.rollout_step)
+    return Batch(
+        surf_vars={k: torch.cat([b.surf_vars[k] for b in batches]) for k in first.surf_vars},
+        static_vars=dict(first.static_vars),
+        atmos_vars={k: torch.cat([b.atmos_vars[k] for b in batches]) for k in first.atmos_vars},
+        metadata=metadata,
+    )
