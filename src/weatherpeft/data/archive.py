@@ -70,7 +70,11 @@ def _packed_encoding(name: str, values: np.ndarray) -> dict:
     low, high = float(finite.min()), float(finite.max())
     # the precision step where the range allows it, else the finest step that fits int16
     scale = max(PACKING_PRECISION.get(name, 0.0), (high - low) / _INT16_STEPS, 1e-30)
-    return {"dtype": "int16", "scale_factor": np.float32(scale), "add_offset": np.float32((high + low) / 2),
+    # Non-negative fields (precipitation, humidity, land fraction) get offset 0 where it fits:
+    # zero then decodes to exactly 0 and nothing decodes negative (a mid-range offset puts
+    # zero up to half a step either side of 0).
+    offset = 0.0 if low >= 0 and high / scale <= _INT16_STEPS // 2 else (high + low) / 2
+    return {"dtype": "int16", "scale_factor": np.float32(scale), "add_offset": np.float32(offset),
             "_FillValue": np.int16(-32768)}
 
 
@@ -96,11 +100,19 @@ def write(ds: xr.Dataset, path: Path, pack: bool = True) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_zarr(tmp, mode="w", encoding=_encoding(ds, pack), consolidated=True, zarr_format=2)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        ds.to_zarr(tmp, mode="w", encoding=_encoding(ds, pack), consolidated=True, zarr_format=2)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the previous store back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half-written store
     shutil.rmtree(old, ignore_errors=True)
     return path
 

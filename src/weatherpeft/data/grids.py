@@ -105,7 +105,7 @@ def conservative_regridder(src: Grid, dst: Grid):
     def regrid(field: np.ndarray) -> np.ndarray:
         if field.shape[-2:] != src.shape:
             raise ValueError(f"field has (lon, lat) shape {field.shape[-2:]}, grid expects {src.shape}")
-        out = np.einsum("...ij,ki,lj->...kl", field, lon_matrix, lat_matrix, optimize=True)
+        out = lon_matrix @ field @ lat_matrix.T  # BLAS matmuls broadcast over leading axes
         return out.astype(field.dtype, copy=False)
 
     return regrid

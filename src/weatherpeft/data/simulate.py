@@ -24,18 +24,20 @@ Requires the optional extra ``weatherpeft[simulate]`` (jcm, JAX).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
 
-from weatherpeft.data import archive, manifest
+from weatherpeft.data import archive, manifest, realism
+from weatherpeft.data.stats import compute_stats
+from weatherpeft.data.wb2 import SampleSpec
 from weatherpeft.data.grids import Grid, conservative_regridder, crop_indices, equiangular_grid, gaussian_grid
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ R_DRY = 287.05
 LAPSE_RATE = 0.0065
 P0_HPA = 1000.0  # jcm's normalized_surface_pressure is relative to 1000 hPa
 SECONDS_6H = 6 * 3600
+NORMALISATION_NAME = "normalisation.json"
 
 SURFACE_VARIABLES = (
     "2m_temperature",
@@ -62,6 +65,8 @@ _STATE_FIELDS = {
     "v_component_of_wind": "v_wind",
     "specific_humidity": "specific_humidity",
 }
+#: Fields of jcm's PhysicsState that make up an atmospheric state.
+_STATE_NAMES = ("u_wind", "v_wind", "temperature", "specific_humidity", "geopotential", "normalized_surface_pressure")
 # jcm diagnostics sampled instantaneously at the end of each 6-h interval.
 _NEAR_SURFACE = {
     "2m_temperature": "_surface_flux.t0",
@@ -98,8 +103,8 @@ class SimulationConfig:
     ensemble_surface: tuple[str, ...] = ("2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind")
     ensemble_atmospheric: tuple[str, ...] = ("geopotential", "temperature")
     ensemble_levels: tuple[int, ...] = (500, 850)
-    perturbation_temperature_k: float = 0.6
-    perturbation_wind_ms: float = 1.0
+    perturbation_scale: float = 0.3
+    perturbation_window: int = 10  # perturbations from init pairs within ± this many inits
 
     def run_start(self) -> dt.datetime:
         return dt.datetime.fromisoformat(self.archive_start) - dt.timedelta(days=self.spinup_days)
@@ -111,6 +116,7 @@ class SimulationConfig:
 def _import_jcm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        import jax
         import jax.numpy as jnp
         import jax_datetime as jdt
         from jcm.forcing import ForcingData
@@ -122,7 +128,7 @@ def _import_jcm():
         raise ImportError(
             "regenerating the built-in world needs the optional extra: pip install 'weatherpeft[simulate]'"
         ) from error
-    return dict(jnp=jnp, jdt=jdt, ForcingData=ForcingData, Model=Model, get_speedy_coords=get_speedy_coords,
+    return dict(jax=jax, jnp=jnp, jdt=jdt, ForcingData=ForcingData, Model=Model, get_speedy_coords=get_speedy_coords,
                 speedy_physics=speedy_physics, TerrainData=TerrainData)
 
 
@@ -246,7 +252,8 @@ class _ArchiveBuffer:
 def _run_truth(cfg: SimulationConfig, on_ensemble_init) -> dict:
     """Integrate the truth run; write pretraining, downstream and regional archives."""
     truth = _SpeedyModel(cfg, cfg.truncation, cfg.run_start())
-    model, jdt = truth.model, truth.jcm["jdt"]
+    model = truth.model
+    to_physics_state = truth.jcm["jax"].jit(model.dycore.to_physics_state)  # eager JAX is slow op by op
     grid = equiangular_grid(*cfg.grid)
     regional_grid = equiangular_grid(*cfg.regional_grid)
     to_global = conservative_regridder(truth.grid, grid)
@@ -284,7 +291,7 @@ def _run_truth(cfg: SimulationConfig, on_ensemble_init) -> dict:
     for step in range(1, n_steps + 1):
         predictions = model.resume(**chunk)
         when = archive_start + dt.timedelta(hours=6 * step)
-        physics_state = model.dycore.to_physics_state(model.dycore_state)
+        physics_state = to_physics_state(model.dycore_state)
         snaps = predictions.snapshots
         diagnostics = {wb2: np.asarray(snaps[key])[0, 0] if np.asarray(snaps[key]).ndim == 4 else np.asarray(snaps[key])[0]
                        for wb2, key in _NEAR_SURFACE.items()}
@@ -332,19 +339,48 @@ class _Ensemble:
     def maybe_collect(self, when: dt.datetime, truth_state, truth_grid: Grid):
         cfg = self.cfg
         hours = (when - cfg.downstream_start()).total_seconds() / 3600
-        end = cfg.downstream_start() + dt.timedelta(days=cfg.downstream_days)
-        if hours % cfg.ensemble_init_every_hours or when + dt.timedelta(hours=max(cfg.ensemble_leads_hours)) > end:
+        # the last downstream (truth) time is 18 UTC of the last day: every forecast must verify
+        last_truth = cfg.downstream_start() + dt.timedelta(days=cfg.downstream_days, hours=-6)
+        if hours % cfg.ensemble_init_every_hours or when + dt.timedelta(hours=max(cfg.ensemble_leads_hours)) > last_truth:
             return
         if self._truth_to_ensemble is None:
             self._truth_to_ensemble = conservative_regridder(truth_grid, self.model.grid)
         regrid = self._truth_to_ensemble
-        fields = {name: regrid(np.asarray(getattr(truth_state, name), dtype=np.float64)) for name in
-                  ("u_wind", "v_wind", "temperature", "specific_humidity", "geopotential", "normalized_surface_pressure")}
+        fields = {name: regrid(np.asarray(getattr(truth_state, name), dtype=np.float64)) for name in _STATE_NAMES}
         self.inits.append((when, fields))
+
+    def _perturbations(self, init_number: int) -> list[tuple[int, float]]:
+        """(index j, sign) per member: the perturbation is sign·(X[j+1] − X[j]) of the truth inits.
+
+        Differences of consecutive init states (one init interval apart) are balanced,
+        synoptic-scale structures of the atmosphere itself (white noise would be damped
+        within hours); drawing j within ±``perturbation_window`` inits keeps them in the
+        same season, so they carry no seasonal-cycle signal.
+        """
+        cfg = self.cfg
+        if len(self.inits) < 2:
+            raise ValueError("the ensemble needs at least 2 init times to build perturbations; "
+                             "lengthen downstream_days or shorten ensemble_init_every_hours")
+        low = max(0, init_number - cfg.perturbation_window)
+        high = min(len(self.inits) - 2, init_number + cfg.perturbation_window)
+        candidates = np.arange(low, high + 1)
+        rng = np.random.default_rng([cfg.seed, init_number])
+        replace = len(candidates) < cfg.ensemble_members
+        chosen = rng.choice(candidates, size=cfg.ensemble_members, replace=replace)
+        signs = rng.choice([-1.0, 1.0], size=cfg.ensemble_members)
+        return list(zip(chosen.tolist(), signs.tolist()))
+
+    def _perturbed_state(self, fields: dict, index: int, sign: float, physics_state_cls, jnp):
+        """The truth state plus ``perturbation_scale``·sign·(X[index+1] − X[index])."""
+        a, b = self.inits[index + 1][1], self.inits[index][1]
+        scale = sign * self.cfg.perturbation_scale
+        perturbed = {name: fields[name] + scale * (a[name] - b[name]) for name in fields}
+        perturbed["specific_humidity"] = np.clip(perturbed["specific_humidity"], 0.0, None)
+        return physics_state_cls(**{name: jnp.asarray(value, dtype=jnp.float32) for name, value in perturbed.items()})
 
     def run(self, truth_levels_out: Grid) -> xr.Dataset:
         cfg, ens = self.cfg, self.model
-        jnp, jdt = ens.jcm["jnp"], ens.jcm["jdt"]
+        jnp = ens.jcm["jnp"]
         from jcm.physics_interface import PhysicsState
 
         to_global = conservative_regridder(ens.grid, truth_levels_out)
@@ -354,17 +390,8 @@ class _Ensemble:
         members = {name: [] for name in cfg.ensemble_surface + cfg.ensemble_atmospheric}
         for init_number, (when, fields) in enumerate(self.inits):
             per_member = {name: [] for name in members}
-            for member in range(cfg.ensemble_members):
-                rng = np.random.default_rng([cfg.seed, init_number, member])
-                noise = lambda scale: scale * rng.standard_normal(fields["temperature"].shape)  # noqa: E731
-                state = PhysicsState(
-                    u_wind=jnp.asarray(fields["u_wind"] + noise(cfg.perturbation_wind_ms), dtype=jnp.float32),
-                    v_wind=jnp.asarray(fields["v_wind"] + noise(cfg.perturbation_wind_ms), dtype=jnp.float32),
-                    temperature=jnp.asarray(fields["temperature"] + noise(cfg.perturbation_temperature_k), dtype=jnp.float32),
-                    specific_humidity=jnp.asarray(fields["specific_humidity"], dtype=jnp.float32),
-                    geopotential=jnp.asarray(fields["geopotential"], dtype=jnp.float32),
-                    normalized_surface_pressure=jnp.asarray(fields["normalized_surface_pressure"], dtype=jnp.float32),
-                )
+            for index, sign in self._perturbations(init_number):
+                state = self._perturbed_state(fields, index, sign, PhysicsState, jnp)
                 _, predictions = ens.model.run_from_state_with_carry(
                     ens.model.initial_state(state), forcing=ens.forcing, save_interval=save_days,
                     total_time=total_days, output_averages=False,
@@ -372,9 +399,7 @@ class _Ensemble:
                     initial_time=ens.datetime(when), initial_step=jnp.int32(0))
                 dyn, diag = predictions.dynamics, predictions.physics
                 for lead in lead_index:
-                    frame = type("Frame", (), {k: np.asarray(getattr(dyn, k))[lead] for k in
-                                               ("u_wind", "v_wind", "temperature", "specific_humidity",
-                                                "geopotential", "normalized_surface_pressure")})
+                    frame = SimpleNamespace(**{k: np.asarray(getattr(dyn, k))[lead] for k in _STATE_NAMES})
                     near = {"2m_temperature": np.asarray(diag["_surface_flux"].t0)[lead],
                             "10m_u_component_of_wind": np.asarray(diag["surface_exchange"].wind_u)[lead],
                             "10m_v_component_of_wind": np.asarray(diag["surface_exchange"].wind_v)[lead]}
@@ -404,20 +429,45 @@ class _Ensemble:
 
 
 def generate(cfg: SimulationConfig) -> dict:
-    """Run the whole generation; returns the timings. Writes stores and the manifest."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the whole generation; returns the timings. Writes stores, statistics, card and manifest."""
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     ensemble = _Ensemble(cfg)
     truth_grid = gaussian_grid(*_truth_shape(cfg))
     timings = _run_truth(cfg, lambda when, state: ensemble.maybe_collect(when, state, truth_grid))
     start = time.perf_counter()
     _write_committed(cfg, ensemble.run(equiangular_grid(*cfg.grid)), "ensemble.zarr")
     timings["ensemble_seconds"] = time.perf_counter() - start
+    finalise(cfg, timings)
+    return timings
+
+
+def finalise(cfg: SimulationConfig, timings: dict | None = None) -> None:
+    """Normalisation statistics from the pretraining years, the data card, then the manifest."""
+    out = Path(cfg.out)
+    # the archive's first time closes the first 6-h interval after archive_start (see _run_truth)
+    first = dt.datetime.fromisoformat(cfg.archive_start) + dt.timedelta(hours=6)
+    spec = SampleSpec(surf_vars=SURFACE_VARIABLES, atmos_vars=ATMOSPHERIC_VARIABLES, static_vars=STATIC_VARIABLES,
+                      levels=cfg.levels, start=first, end=cfg.downstream_start() - dt.timedelta(hours=6))
+    stats = compute_stats(Path(cfg.pretraining_out) / "pretraining.zarr", spec)
+    stats.source = "pretraining.zarr"  # a path relative to nothing machine-specific, so the file is reproducible
+    stats.save(out / NORMALISATION_NAME)
+    write_data_card(out)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
               if k not in ("out", "pretraining_out")}
     manifest.write_manifest(out, config=config)
-    manifest.write_json_atomic(out / "generation_log.json", {"timings_seconds": timings, "config": config})
-    return timings
+    if timings is not None:
+        manifest.write_json_atomic(out / "generation_log.json", {"timings_seconds": timings, "config": config})
+
+
+def write_data_card(out: Path) -> dict:
+    """Measure the realism numbers on the stores in ``out`` and write ``data_card.json``."""
+    downstream = xr.open_zarr(Path(out) / "downstream.zarr").load()
+    card = {"downstream": realism.world_card(downstream)}
+    ensemble_path = Path(out) / "ensemble.zarr"
+    if ensemble_path.exists():
+        card["ensemble"] = realism.ensemble_card(xr.open_zarr(ensemble_path).load(), downstream)
+    manifest.write_json_atomic(Path(out) / "data_card.json", card)
+    return card
 
 
 def _truth_shape(cfg: SimulationConfig) -> tuple[int, int]:

@@ -1,0 +1,5 @@
+import sys
+
+from weatherpeft.cli import main
+
+sys.exit(main())
