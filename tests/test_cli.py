@@ -1,0 +1,74 @@
+"""The command line: configs from YAML plus flags, data commands, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from weatherpeft.cli import build_parser, main
+from weatherpeft.config import add_dataclass_arguments, build_config
+
+
+@dataclass
+class _Example:
+    steps: int = 10
+    lr: float = 1e-3
+    levels: tuple[int, ...] = (500, 850)
+    out: Path = Path("runs")
+    verbose: bool = False
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Example)
+    return build_config(_Example, parser.parse_args(argv))
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    assert _parse([]) == _Example()
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 20\nlevels: [300, 500]\nverbose: true\n")
+    assert _parse(["--config", str(config)]) == _Example(steps=20, levels=(300, 500), verbose=True)
+    assert _parse(["--config", str(config), "--steps", "5", "--no-verbose"]) == _Example(
+        steps=5, levels=(300, 500), verbose=False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stpes: 3\n", "unknown option"),
+    ("steps: lots\n", "bad value for 'steps'"),
+    ("levels: 500\n", "bad value for 'levels'"),
+    ("- 1\n- 2\n", "expected a mapping"),
+])
+def test_bad_yaml_is_rejected_naming_the_key(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        _parse(["--config", str(config)])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        _parse(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_generate_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "generate", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--truncation", "--spinup-days", "--downstream-days", "--ensemble-members", "--config"):
+        assert option in text
+
+
+def test_data_check_and_info_on_a_store(wb2_store, capsys):
+    assert main(["data", "check", str(wb2_store)]) == 0
+    assert "all finite" in capsys.readouterr().out
+    assert main(["data", "info", str(wb2_store)]) == 0
+    assert "2m_temperature" in capsys.readouterr().out
+
+
+def test_data_check_reports_a_missing_path_as_an_error(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "missing.zarr")]) == 2
+    assert "store not found" in capsys.readouterr().err
