@@ -1,0 +1,109 @@
+"""The Task contract: what a task reads, what the backbone must add, how it is scored.
+
+A task turns a data source into ``(input, target)`` pairs of :class:`aurora.Batch` (the
+train and validation splits), states which variables and levels the backbone must take
+and which new ones it must learn to produce (task heads), defines the training loss on a
+prediction and a target, and evaluates a model with the metrics the paper reports for it.
+The :class:`~weatherpeft.train.Trainer` only ever talks to a task through this contract.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from aurora import Batch
+from torch.utils.data import DataLoader, Dataset
+
+from weatherpeft.data.wb2 import collate_batches
+
+__all__ = ["SPLITS", "Task", "TaskVariables"]
+
+#: The splits every task provides.
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TaskVariables:
+    """The variables of a task, in Aurora's names (``"2t"``, ``"z"``, static ``"lsm"``).
+
+    ``surf_vars``/``atmos_vars``/``static_vars`` are what samples carry (inputs and, for
+    the dynamic ones, targets) at pressure ``levels`` (hPa). ``new_surf_vars`` and
+    ``new_atmos_vars`` are those among them the backbone was not pretrained on: it must add
+    an embedding and an output head for each (trainable under every method, counted apart);
+    ``new_static_vars`` likewise need a new embedding.
+    """
+
+    surf_vars: tuple[str, ...]
+    atmos_vars: tuple[str, ...]
+    static_vars: tuple[str, ...]
+    levels: tuple[int | float, ...]
+    new_surf_vars: tuple[str, ...] = ()
+    new_atmos_vars: tuple[str, ...] = ()
+    new_static_vars: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("surf_vars", "atmos_vars", "static_vars", "levels",
+                     "new_surf_vars", "new_atmos_vars", "new_static_vars"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        for new, known in (("new_surf_vars", "surf_vars"), ("new_atmos_vars", "atmos_vars"),
+                           ("new_static_vars", "static_vars")):
+            missing = set(getattr(self, new)) - set(getattr(self, known))
+            if missing:
+                raise ValueError(f"{new} {sorted(missing)} must also be listed in {known}")
+        if self.atmos_vars and not self.levels:
+            raise ValueError(f"atmospheric variables {list(self.atmos_vars)} need pressure levels")
+
+
+class Task(abc.ABC):
+    """A downstream (or pretraining) task; subclasses fill in the four abstract members.
+
+    ``datasets()`` returns the splits :data:`SPLITS`; the train and val splits yield
+    ``(input Batch, target Batch)`` pairs (``loss`` is computed on them), the test split
+    yields whatever ``evaluate`` expects. Datasets are built once and cached by the task.
+    """
+
+    #: Short name used in logs, metric files and the CLI.
+    name: str = "task"
+    #: Collates a list of samples into a batch; a DataLoader ``collate_fn``.
+    collate: Callable = staticmethod(collate_batches)
+
+    @property
+    @abc.abstractmethod
+    def variables(self) -> TaskVariables:
+        """The variables and levels samples carry and the new heads the backbone needs."""
+
+    @abc.abstractmethod
+    def datasets(self) -> dict[str, Dataset]:
+        """``{"train": …, "val": …, "test": …}``, built on first call and cached."""
+
+    @abc.abstractmethod
+    def loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
+        """Scalar training loss of ``prediction`` against ``target`` (differentiable)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module, loader: Sequence | DataLoader) -> dict[str, float]:
+        """The metrics the paper reports for this task, as ``{name: value}``."""
+
+    # -- shared behaviour, overridable --------------------------------------------------
+
+    def training_loss(self, model: torch.nn.Module, batch: tuple[Batch, Batch]) -> torch.Tensor:
+        """Loss of ``model`` on one collated ``(input, target)`` batch (already on device).
+
+        The Trainer calls this for training and validation; override it for tasks whose
+        forward is more than ``model(input)`` (e.g. multi-step roll-out training).
+        """
+        inputs, target = batch
+        return self.loss(model(inputs), target)
+
+    def dataloader(self, split: str, batch_size: int, *, num_workers: int = 0) -> DataLoader:
+        """A sequential (unshuffled, all samples kept) loader over ``split``, for evaluation."""
+        splits = self.datasets()
+        if split not in splits:
+            raise KeyError(f"task '{self.name}' has no split '{split}'; it has {sorted(splits)}")
+        return DataLoader(splits[split], batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers, collate_fn=self.collate,
+                          persistent_workers=False)

@@ -1,0 +1,663 @@
+"""The Trainer shared by pretraining, fine-tuning and the benchmark.
+
+One loop for every method and task: AdamW with decay/no-decay parameter groups, linear
+warm-up then cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA,
+periodic validation, a JSONL metric log, atomic checkpoints and exact resume. Methods plug
+in through hooks (objects with optional ``on_fit_start``, ``on_before_optimizer_step``,
+``on_after_optimizer_step``, ``state_dict`` and ``load_state_dict``); the loop has no
+special cases for any of them.
+
+Reproducibility: python, numpy and torch are seeded from ``TrainConfig.seed``; the data
+order of epoch e is a permutation drawn from its own generator seeded by (seed, e), so the
+position in the data is two integers (epoch, batches consumed) that a checkpoint records
+with every RNG state. Validation and evaluation run under a forked RNG, so they never
+change the training trajectory. On CPU, N steps straight and N/2 + resume + N/2 give
+bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from aurora import Batch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from weatherpeft.tasks.base import Task
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainConfig",
+    "Trainer",
+    "TrainerHook",
+    "default_param_groups",
+    "epoch_permutation",
+    "latest_checkpoint",
+    "load_model_state",
+    "lr_factor",
+    "move_to",
+    "seed_everything",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "weatherpeft.checkpoint/1"
+_CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+METRICS_FILE = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; every field is a CLI flag via :mod:`weatherpeft.config`.
+
+    ``steps`` counts optimizer steps; each takes ``accumulation_steps`` micro-batches of
+    ``batch_size`` samples (an epoch drops its last incomplete batch). The learning rate
+    warms up linearly over ``warmup_steps`` then decays with a cosine to ``lr ×
+    min_lr_ratio``. ``grad_clip`` is a max global norm (0 = off). ``val_every``,
+    ``checkpoint_every`` and ``log_every`` are in steps (0 = never; a final checkpoint is
+    always written). ``amp="bf16"`` autocasts on CUDA and is a no-op on CPU. ``device``
+    "auto" picks CUDA when available.
+    """
+
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+    accumulation_steps: int = 1
+    val_every: int = 0
+    val_batches: int = 8
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    checkpoint_trainable_only: bool = False
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    out_dir: str = "runs/train"
+    amp: str = "none"
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "accumulation_steps", "val_batches", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "checkpoint_every", "log_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"TrainConfig: need lr > 0, weight_decay ≥ 0, grad_clip ≥ 0; got "
+                             f"{self.lr}, {self.weight_decay}, {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must hold two values, got {self.betas}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"TrainConfig.amp must be 'none' or 'bf16', got {self.amp!r}")
+        self.out_dir = str(self.out_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+#: Fields whose change makes a resumed run differ from an uninterrupted one.
+_TRAJECTORY_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio",
+                      "grad_clip", "accumulation_steps", "seed", "steps")
+
+
+class TrainerHook(Protocol):
+    """What a method may plug into the loop; every member is optional (duck-typed).
+
+    ``on_fit_start(trainer)``: once per :meth:`Trainer.fit`, after any resume.
+    ``on_before_optimizer_step(trainer, step)``: after backward (all micro-batches) and
+    gradient clipping, before ``optimizer.step()`` — gradients are final here and may be
+    masked. ``on_after_optimizer_step(trainer, step)``: after ``optimizer.step()`` and the
+    scheduler. ``step`` is the 0-based index of this optimizer step (``trainer.step`` is the
+    number of completed steps). ``state_dict()``/``load_state_dict()`` make the hook's state
+    part of checkpoints; it must hold only tensors and plain Python values.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Small pure pieces
+# --------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at 0-based optimizer step ``step``.
+
+    Warm-up: (step + 1) / warmup_steps for step < warmup_steps (the first step already
+    moves; the last warm-up step is at the full rate). Then cosine from 1 at step
+    ``warmup_steps`` to ``min_lr_ratio`` at step ``total_steps``:
+    r + (1 − r)·½(1 + cos(π·p)), p = (step − warmup) / (total − warmup), clipped to [0, 1].
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on trainable tensors with ndim ≥ 2, none on 1-D ones.
+
+    1-D parameters are biases, norm scales/shifts and similar vectors; decaying them to
+    zero only hurts. Frozen parameters (``requires_grad=False``) are left out entirely.
+    """
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    return groups
+
+
+def _only_trainable(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Caller-supplied groups without frozen parameters; empty groups dropped."""
+    kept = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            kept.append({**group, "params": params})
+    if not kept:
+        raise ValueError("the parameter groups hold no trainable parameters")
+    return kept
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    """A torch generator seeded from integers via numpy's SeedSequence (well mixed)."""
+    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: a permutation of range(n) from its own generator."""
+    return torch.randperm(n, generator=_generator(seed, epoch))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: seed python and numpy from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def move_to(value: Any, device: torch.device | str) -> Any:
+    """Move a Batch, tensor, or tuple/list/dict of them to ``device``."""
+    if isinstance(value, (Batch, torch.Tensor)):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(move_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [move_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _atomic_torch_save(content: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(content, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest step in ``out_dir/checkpoints``, or None."""
+    found = _checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, foreign pickle, ...
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a weatherpeft checkpoint (format {CHECKPOINT_FORMAT})")
+    return content
+
+
+def load_model_state(model: torch.nn.Module, path: str | os.PathLike) -> int:
+    """Load only the model weights of a checkpoint into ``model``; returns its step.
+
+    For evaluation: no optimizer, scheduler or RNG is touched. A checkpoint written with
+    ``checkpoint_trainable_only`` holds only trainable weights and buffers; the rest of
+    ``model`` must already be the same pretrained weights.
+    """
+    content = _read_checkpoint(path)
+    model.load_state_dict(content["model"], strict=not content.get("trainable_only", False))
+    return int(content["step"])
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train ``model`` on ``task`` under ``config``; see the module docstring.
+
+    ``model`` is any module; the task decides how it is called (by default
+    ``task.loss(model(input), target)``). ``param_groups`` replaces
+    :func:`default_param_groups` (frozen parameters are dropped from it). ``hooks`` are
+    called in order at the points described in :class:`TrainerHook`.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: Task, config: TrainConfig, *,
+                 hooks: Sequence[object] = (),
+                 param_groups: Sequence[Mapping[str, Any]] | None = None):
+        self.config = config
+        self.task = task
+        self.device = _resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.hooks = list(hooks)
+        self.out_dir = Path(config.out_dir)
+        if config.amp == "bf16" and self.device.type != "cuda":
+            log.info("amp='bf16' requested on %s: autocast is CUDA-only, running in float32",
+                     self.device)
+        if config.activation_checkpointing:
+            configure = getattr(model, "configure_activation_checkpointing", None)
+            if callable(configure):
+                configure()
+            else:
+                log.warning("activation_checkpointing requested but %s has no "
+                            "configure_activation_checkpointing(); ignored", type(model).__name__)
+        groups = default_param_groups(model, config.weight_decay) if param_groups is None \
+            else _only_trainable(param_groups)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, total_steps=config.steps,
+                                    warmup_steps=config.warmup_steps,
+                                    min_lr_ratio=config.min_lr_ratio))
+        #: Completed optimizer steps.
+        self.step = 0
+        #: Data position: the epoch and how many of its batches were consumed.
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        #: Most recent values, for hooks and callers.
+        self.last_loss: float | None = None
+        self.last_grad_norm: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_lr: float = self.optimizer.param_groups[0]["lr"]
+
+    # -- contexts -----------------------------------------------------------------------
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast on CUDA when ``amp="bf16"``; otherwise nothing."""
+        if self.config.amp == "bf16" and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _fork_rng(self) -> AbstractContextManager:
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    # -- data ---------------------------------------------------------------------------
+
+    def _train_batches(self, dataset: Dataset) -> Iterator[Any]:
+        """Collated training batches from the current (epoch, batch_in_epoch), forever."""
+        cfg = self.config
+        n_batches = len(dataset) // cfg.batch_size
+        if n_batches == 0:
+            raise ValueError(f"the training set has {len(dataset)} samples, fewer than "
+                             f"batch_size {cfg.batch_size}")
+        while True:
+            order = epoch_permutation(len(dataset), cfg.seed, self.epoch).tolist()
+            batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                       for i in range(self.batch_in_epoch, n_batches)]
+            # Its own generator: creating the loader's iterator must not draw from the
+            # global RNG (a resumed run creates one mid-epoch, an uninterrupted one not).
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.task.collate,
+                                num_workers=cfg.num_workers,
+                                generator=_generator(cfg.seed, self.epoch, 1),
+                                worker_init_fn=_seed_worker if cfg.num_workers else None)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # -- one optimizer step -------------------------------------------------------------
+
+    def _parameters_with_grad(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]
+                if p.grad is not None]
+
+    def _train_step(self, batches: Iterator[Any]) -> tuple[float, float]:
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.accumulation_steps):
+            batch = move_to(next(batches), self.device)
+            with self.autocast():
+                loss = self.task.training_loss(self.model, batch)
+            (loss / cfg.accumulation_steps).backward()
+            total += loss.detach().float()
+        loss_value = float(total) / cfg.accumulation_steps
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss is {loss_value} at step {self.step}")
+        grads = self._parameters_with_grad()
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads \
+                else torch.zeros(())
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}")
+        step = self.step
+        for hook in self.hooks:
+            if hasattr(hook, "on_before_optimizer_step"):
+                hook.on_before_optimizer_step(self, step)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        for hook in self.hooks:
+            if hasattr(hook, "on_after_optimizer_step"):
+                hook.on_after_optimizer_step(self, step)
+        self.last_loss, self.last_grad_norm = loss_value, grad_norm
+        return loss_value, grad_norm
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def fit(self, resume: bool = False, until_step: int | None = None) -> dict[str, float]:
+        """Train to ``config.steps`` (or stop early at ``until_step``, checkpointed).
+
+        ``resume=True`` continues from the latest checkpoint in ``out_dir`` (a fresh start
+        if there is none); a fresh start refuses an ``out_dir`` that holds checkpoints.
+        Returns the last logged values (step, loss, val_loss, …).
+        """
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.out_dir) if resume else None
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+            self._truncate_metrics(self.step)
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        else:
+            if _checkpoints(self.out_dir):
+                raise FileExistsError(
+                    f"{self.out_dir} holds checkpoints of an earlier run; resume it (resume=True) "
+                    "or choose another out_dir")
+            if resume:
+                log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+            seed_everything(cfg.seed)
+            (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+            with open(self.out_dir / "config.json", "w") as stream:
+                json.dump(cfg.to_dict(), stream, indent=1)
+        for hook in self.hooks:
+            if hasattr(hook, "on_fit_start"):
+                hook.on_fit_start(self)
+
+        target = cfg.steps if until_step is None else min(int(until_step), cfg.steps)
+        summary: dict[str, float] = {"step": float(self.step)}
+        if self.step >= target:
+            return summary
+        batches = self._train_batches(self.task.datasets()["train"])
+        samples_per_step = cfg.batch_size * cfg.accumulation_steps
+        progress = tqdm(total=target, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=not (cfg.progress and sys.stderr.isatty()))
+        window_losses: list[float] = []
+        window_start, window_steps = time.perf_counter(), 0
+        self.model.train()
+        try:
+            while self.step < target:
+                loss, grad_norm = self._train_step(batches)
+                window_losses.append(loss)
+                window_steps += 1
+                progress.update(1)
+                record: dict[str, float] = {}
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == target):
+                    elapsed = time.perf_counter() - window_start
+                    record.update(loss=sum(window_losses) / len(window_losses), lr=self.last_lr,
+                                  grad_norm=grad_norm,
+                                  samples_per_s=window_steps * samples_per_step / max(elapsed, 1e-9))
+                    progress.set_postfix(loss=f"{record['loss']:.4g}",
+                                         samples_s=f"{record['samples_per_s']:.3g}")
+                    window_losses, window_start, window_steps = [], time.perf_counter(), 0
+                if cfg.val_every and self.step % cfg.val_every == 0:
+                    record["val_loss"] = self.validate()
+                if record:
+                    record = {"step": self.step, "epoch": self.epoch, **record}
+                    self._log(record)
+                    summary.update(record)
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
+                        or self.step == target:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            batches.close()
+        summary["step"] = float(self.step)
+        return summary
+
+    @torch.no_grad()
+    def validate(self, batches: int | None = None) -> float:
+        """Mean ``task`` loss over the first ``batches`` (default ``val_batches``) val batches.
+
+        Sample-weighted; the model is put in eval mode and back; the RNG is forked so the
+        training trajectory does not depend on how often validation runs.
+        """
+        limit = self.config.val_batches if batches is None else batches
+        loader = self.task.dataloader("val", self.config.batch_size,
+                                      num_workers=self.config.num_workers)
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            with self._fork_rng():
+                for index, batch in enumerate(loader):
+                    if index >= limit:
+                        break
+                    batch = move_to(batch, self.device)
+                    size = _batch_size(batch)
+                    with self.autocast():
+                        loss = self.task.training_loss(self.model, batch)
+                    total += float(loss) * size
+                    count += size
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("the validation set is empty")
+        self.last_val_loss = total / count
+        return self.last_val_loss
+
+    def evaluate(self, loader: Any = None, *, split: str = "test",
+                 batch_size: int | None = None) -> dict[str, float]:
+        """``task.evaluate`` on ``loader`` (default: the task's ``split`` loader), under
+        autocast and no_grad, with the RNG forked."""
+        if loader is None:
+            loader = self.task.dataloader(split, batch_size or self.config.batch_size,
+                                          num_workers=self.config.num_workers)
+        with self._fork_rng(), torch.no_grad(), self.autocast():
+            return self.task.evaluate(self.model, loader)
+
+    # -- logging ------------------------------------------------------------------------
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        with open(self.out_dir / METRICS_FILE, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past ``step`` (written by a run that died after its checkpoint)."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+        _atomic_write_text("".join(line + "\n" for line in kept), path)
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        if not self.config.checkpoint_trainable_only:
+            return state
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        parameters = {name for name, _ in self.model.named_parameters()}
+        return {k: v for k, v in state.items() if k in trainable or k not in parameters}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``out_dir/checkpoints/step_XXXXXXXX.pt`` atomically; prune old ones."""
+        content = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "trainable_only": self.config.checkpoint_trainable_only,
+            "model": self._model_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "hooks": [hook.state_dict() if hasattr(hook, "state_dict") else {}
+                      for hook in self.hooks],
+            "rng": _rng_state(),
+            "config": json.dumps(self.config.to_dict()),
+        }
+        path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
+        _atomic_torch_save(content, path)
+        for _, old in _checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model, optimizer, scheduler, hooks, RNG states and data position."""
+        content = _read_checkpoint(path)
+        saved = json.loads(content["config"])
+        current = self.config.to_dict()
+        changed = [k for k in _TRAJECTORY_FIELDS if saved.get(k) != current.get(k)]
+        if changed:
+            log.warning("resuming %s with changed settings %s: the run will not match an "
+                        "uninterrupted one", path,
+                        {k: (saved.get(k), current.get(k)) for k in changed})
+        self.model.load_state_dict(content["model"], strict=not content["trainable_only"])
+        self.optimizer.load_state_dict(content["optimizer"])
+        self.scheduler.load_state_dict(content["scheduler"])
+        if len(content["hooks"]) != len(self.hooks):
+            raise ValueError(f"{path} holds the state of {len(content['hooks'])} hook(s); "
+                             f"this trainer has {len(self.hooks)}")
+        for hook, state in zip(self.hooks, content["hooks"]):
+            if hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(state)
+        _set_rng_state(content["rng"])
+        self.step = int(content["step"])
+        self.epoch = int(content["epoch"])
+        self.batch_in_epoch = int(content["batch_in_epoch"])
+
+
+def _batch_size(batch: Any) -> int:
+    """Number of samples in a collated (input, target) batch."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(first, Batch):
+        return int(next(iter({**first.surf_vars, **first.atmos_vars}.values())).shape[0])
+    if isinstance(first, torch.Tensor):
+        return int(first.shape[0])
+    return 1
