@@ -1,0 +1,725 @@
+"""Aurora as a :class:`~weatherpeft.backbones.base.Backbone`, over the unmodified ``aurora.Aurora``.
+
+Presets name configurations of aurora's own classes, always with ``use_lora=False``:
+``aurora-tiny`` (a CPU-sized model for the built-in 5.625° world, weatherpeft's own checkpoint
+format) and Microsoft's published models, which load only from a local file (no downloads).
+
+The wrapper adopts Aurora's ``encoder``, ``backbone`` and ``decoder`` as its own children, so
+parameter and module names are exactly Aurora's (``backbone.encoder_layers.0.blocks.0.attn``)
+and a state dict is an Aurora state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import types
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aurora.normalisation as aurora_normalisation
+import torch
+import torch.utils.checkpoint
+from aurora import Aurora, AuroraHighRes, AuroraPretrained, AuroraSmallPretrained, Batch
+from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
+from safetensors.torch import load_file, save_file
+
+from weatherpeft.backbones.base import (
+    Backbone,
+    LoadReport,
+    hash_weights,
+    compare_state,
+    write_directory_atomically,
+)
+from weatherpeft.data.stats import NormalisationStats
+
+__all__ = ["AURORA_PRESETS", "AuroraBackbone", "AuroraPreset", "ERA5_LEVELS"]
+
+logger = logging.getLogger(__name__)
+
+#: The 13 pressure levels (hPa) of WeatherBench2's ERA5 and of Aurora's pretraining.
+ERA5_LEVELS: tuple[int, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+
+_FORMAT = "weatherpeft.backbone/1"
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+_STATS_FILE = "normalisation.json"
+_VARIABLE_KEYS = ("surf_vars", "static_vars", "atmos_vars")
+#: Aurora arguments a preset or ``architecture`` may not set (forced, or given another way).
+_FORBIDDEN_KWARGS = {"surf_stats": "pass `stats=` (a NormalisationStats) instead",
+                     "use_lora": "weatherpeft always builds Aurora with use_lora=False"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AuroraPreset:
+    """A named configuration of one of aurora's model classes.
+
+    ``kwargs`` are passed to ``model_class`` on top of its defaults (``use_lora=False`` is always
+    added); ``levels`` are the default pressure levels; ``published`` presets have weights on
+    Hugging Face that the user downloads and passes as a local path.
+    """
+
+    model_class: type[Aurora]
+    kwargs: Mapping[str, Any]
+    levels: tuple[int | float, ...]
+    published: bool
+
+    def build_kwargs(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments for ``model_class``: preset, then overrides, then use_lora=False."""
+        return {**self.kwargs, **(overrides or {}), "use_lora": False}
+
+
+#: aurora-tiny: 6.14 M parameters; forward+backward for batch 4 takes 0.17-0.27 s on one
+#: shared CPU core. On the 64 × 32 grid with patch 4 the token grid is 2 latent levels × 8 lat ×
+#: 16 lon, then 2 × 4 × 8: the (2, 4, 8) window holds a quarter of the globe in stage 1 and all
+#: of it in stage 2. Aurora rejects some windows on this grid: (2, 4, 4), (2, 8, 8) and (2, 4, 6)
+#: fail in its shifted-window mask (``.view`` on a non-contiguous tensor) whenever a stage's
+#: window covers all of one horizontal axis but not the other; ws[0] must divide latent_levels.
+AURORA_TINY: dict[str, Any] = dict(
+    surf_vars=("2t", "10u", "10v", "msl"),
+    static_vars=("lsm", "z"),
+    atmos_vars=("z", "u", "v", "t", "q"),
+    patch_size=4,
+    embed_dim=128,
+    num_heads=4,
+    encoder_depths=(2, 2),
+    encoder_num_heads=(4, 8),
+    decoder_depths=(2, 2),
+    decoder_num_heads=(8, 4),
+    latent_levels=2,
+    window_size=(2, 4, 8),
+    max_history_size=2,
+    timestep=timedelta(hours=6),
+)
+
+#: Preset name → configuration. Add an entry to offer another configuration by name.
+AURORA_PRESETS: dict[str, AuroraPreset] = {
+    "aurora-tiny": AuroraPreset(Aurora, AURORA_TINY, (500, 850), published=False),
+    "aurora-0.25-pretrained": AuroraPreset(AuroraPretrained, {}, ERA5_LEVELS, published=True),
+    "aurora-0.25-small-pretrained": AuroraPreset(AuroraSmallPretrained, {}, ERA5_LEVELS,
+                                                 published=True),
+    "aurora-0.25-finetuned": AuroraPreset(Aurora, {}, ERA5_LEVELS, published=True),
+    "aurora-0.1-finetuned": AuroraPreset(AuroraHighRes, {}, ERA5_LEVELS, published=True),
+}
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def _class_default(model_class: type, name: str) -> Any:
+    """Default of keyword ``name`` for ``model_class``, following ``**kw_args`` up the MRO."""
+    for klass in model_class.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameter = inspect.signature(klass.__init__).parameters.get(name)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    raise KeyError(f"{model_class.__name__} has no keyword argument '{name}'")
+
+
+@functools.cache
+def _aurora_keywords() -> frozenset[str]:
+    return frozenset(p for p in inspect.signature(Aurora.__init__).parameters if p != "self")
+
+
+def _to_json(value: Any) -> Any:
+    """Architecture values as JSON (tuples → lists, timedelta and dtype tagged)."""
+    if isinstance(value, timedelta):
+        return {"timedelta_seconds": value.total_seconds()}
+    if isinstance(value, torch.dtype):
+        return {"torch_dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot record architecture value {value!r} ({type(value).__name__}) as JSON")
+
+
+def _from_json(value: Any) -> Any:
+    """Inverse of :func:`_to_json` (lists come back as tuples, as Aurora's defaults are)."""
+    if isinstance(value, dict):
+        if set(value) == {"timedelta_seconds"}:
+            return timedelta(seconds=value["timedelta_seconds"])
+        if set(value) == {"torch_dtype"}:
+            return getattr(torch, value["torch_dtype"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    return value
+
+
+def _level_list(levels: Sequence[int | float]) -> list[int | float]:
+    return [int(level) if float(level).is_integer() else float(level) for level in levels]
+
+
+def _required_statistics(surf_vars: Sequence[str], static_vars: Sequence[str],
+                         atmos_vars: Sequence[str], levels: Sequence[int | float]) -> list[str]:
+    """The normalisation keys a model with these variables and levels reads."""
+    keys = list(dict.fromkeys([*surf_vars, *static_vars]))
+    keys += [f"{name}_{aurora_normalisation.level_to_str(level)}"
+             for name in atmos_vars for level in levels]
+    return keys
+
+
+@functools.cache
+def _aurora_default_statistics() -> tuple[dict[str, float], dict[str, float]]:
+    """Aurora's built-in ERA5 statistics, read from a private copy of ``aurora.normalisation``.
+
+    The shared module's dicts may already hold another data set's statistics (installed by
+    some backbone); a fresh copy of the module always has the published values.
+    """
+    spec = importlib.util.find_spec("aurora.normalisation")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.locations), dict(module.scales)
+
+
+def _subset(stats: NormalisationStats, keys: Sequence[str]) -> NormalisationStats:
+    return NormalisationStats(locations={k: stats.locations[k] for k in keys if k in stats.locations},
+                              scales={k: stats.scales[k] for k in keys if k in stats.scales},
+                              period=stats.period, latitude_weighted=stats.latitude_weighted,
+                              n_times=stats.n_times, source=stats.source)
+
+
+def _merge_statistics(base: NormalisationStats | None, given: NormalisationStats | None,
+                      base_name: str) -> NormalisationStats | None:
+    """``given`` over ``base``; warn where it changes statistics the pretrained model was fit with."""
+    if base is None or given is None:
+        return given if base is None else base
+    changed = sorted(k for k in given.locations if k in base.locations and
+                     (not math.isclose(given.locations[k], base.locations[k], rel_tol=1e-6) or
+                      not math.isclose(given.scales[k], base.scales[k], rel_tol=1e-6)))
+    if changed:
+        warnings.warn(f"stats override the normalisation of {base_name} for {changed}: the "
+                      "pretrained weights were fit with the originals", stacklevel=4)
+    added = sorted(set(given.locations) - set(base.locations))
+    source = f"{base.source or base_name}" + (f" + {given.source or 'given'} ({', '.join(added)})"
+                                              if added or changed else "")
+    return NormalisationStats(locations={**base.locations, **given.locations},
+                              scales={**base.scales, **given.scales}, period=base.period,
+                              latitude_weighted=base.latitude_weighted, n_times=base.n_times,
+                              source=source)
+
+
+def _looks_like_hub(checkpoint: str | os.PathLike) -> bool:
+    text = str(checkpoint)
+    return text.startswith(("hf://", "http://", "https://", "hub:")) or \
+        text.split("@")[0] in {"microsoft/aurora", "huggingface", "hub"}
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A Swin block's own forward under activation checkpointing (recomputed in backward)."""
+    forward = functools.partial(type(block).forward, block)
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+_LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<target>qkv|proj)\.loras\.(?P<step>\d+)\.lora_A$")
+
+
+def _merge_aurora_lora(state: dict[str, torch.Tensor]) -> list[str]:
+    """Fold Aurora's own LoRA (``attn.lora_{qkv,proj}.loras.0``) into the ``qkv``/``proj`` weights.
+
+    W += (alpha / r)·B·A, with Aurora's fixed alpha. Exact for ``lora_mode="single"`` (the
+    published fine-tuned checkpoints) at roll-out steps below ``lora_steps`` (40), after which
+    Aurora switches its LoRA off. Mutates ``state``; returns the weights it changed.
+    """
+    alpha = inspect.signature(WindowAttention.__init__).parameters["lora_alpha"].default
+    found = [(match, key) for key in sorted(state) if (match := _LORA_KEY.match(key))]
+    per_step = [key for match, key in found if match["step"] != "0"]
+    if per_step:
+        raise ValueError(f"checkpoint has per-roll-out-step LoRA weights ({per_step[:3]} ...): "
+                         "they cannot be folded into one weight for use_lora=False")
+    merged = []
+    for match, key in found:
+        lora_a = state.pop(key).float()
+        lora_b = state.pop(key[: -len("A")] + "B").float()
+        weight_key = f"{match['prefix']}.{match['target']}.weight"
+        weight = state[weight_key]
+        state[weight_key] = (weight.float() + alpha / lora_a.shape[0] * lora_b @ lora_a).to(weight.dtype)
+        merged.append(weight_key)
+    return merged
+
+
+def _load_aurora_file(model: Aurora, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read one of Microsoft's ``.ckpt`` files the way ``Aurora.load_checkpoint_local`` does.
+
+    Same steps (``torch.load(weights_only=True)``, the class's ``_adapt_checkpoint`` key
+    remapping, history-size padding) but returning the state instead of loading it, so that
+    mismatches can be reported by key and Aurora's LoRA folded in.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not an Aurora checkpoint (expected a flat dict of tensors)")
+    state = model._adapt_checkpoint(dict(state))
+    notes = []
+    key = "encoder.surf_token_embeds.weights.2t"
+    if key in state:
+        saved_history = state[key].shape[2]
+        if saved_history > model.max_history_size:
+            raise ValueError(f"{path} was trained with history {saved_history}; the model has "
+                             f"max_history_size {model.max_history_size} (it cannot be smaller)")
+        if saved_history < model.max_history_size:
+            model.adapt_checkpoint_max_history_size(state)
+            notes.append(f"patch embeddings zero-padded from history {saved_history} to "
+                         f"{model.max_history_size} (Aurora's own adaptation)")
+    merged = _merge_aurora_lora(state)
+    if merged:
+        notes.append(f"Aurora's LoRA folded into {len(merged)} qkv/proj weights (exact for "
+                     "roll-out steps < 40)")
+    return state, notes
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a weatherpeft checkpoint folder, after checking the folder is whole."""
+    for name in (_CONFIG_FILE, _WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: a weatherpeft backbone checkpoint "
+                                    f"is a folder with {_CONFIG_FILE} and {_WEIGHTS_FILE}")
+    try:
+        config = json.loads((folder / _CONFIG_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / _CONFIG_FILE} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        raise ValueError(f"{folder / _CONFIG_FILE} is not a weatherpeft backbone config "
+                         f"(format {_FORMAT})")
+    absent = [k for k in ("preset", "architecture", "levels", *_VARIABLE_KEYS) if k not in config]
+    if absent:
+        raise ValueError(f"{folder / _CONFIG_FILE} lacks {absent}")
+    return config
+
+
+# -- the backbone -------------------------------------------------------------------------
+
+
+class AuroraBackbone(Backbone):
+    """Aurora (``aurora.Aurora`` and its published subclasses, unmodified) as a Backbone.
+
+    Args:
+        preset: a key of :data:`AURORA_PRESETS`.
+        stats: normalisation statistics of the data, merged over those that come with the
+            weights (a weatherpeft checkpoint's ``normalisation.json``; Aurora's ERA5 values for
+            Microsoft's checkpoints): they must cover new variables ("tp") and may override the
+            others (with a warning). A fresh aurora-tiny has none of its own: pass them.
+        levels: pressure levels (hPa) of the data; default: the checkpoint's, else the preset's.
+        checkpoint: local weights: a weatherpeft checkpoint folder, or one of Microsoft's
+            ``.ckpt`` files (read as ``Aurora.load_checkpoint_local`` does). Never downloaded.
+        strict: refuse any mismatch with a ``ValueError`` listing the keys; ``False`` loads
+            what fits, logs the rest and keeps it in :attr:`load_report`.
+        extra_surf_vars, extra_atmos_vars: new variables; Aurora creates their patch embeddings
+            and output heads, which are the :meth:`task_head_parameters`.
+        architecture: Aurora keyword arguments on top of the preset.
+        activation_checkpointing: recompute every Swin block in backward to save memory.
+        random_init: allow a published preset without weights (tests only: an untrained Aurora's
+            blocks are the identity, so PEFT on it is meaningless).
+
+    Normalisation: Aurora keeps statistics in module-level dicts (``aurora.normalisation
+    .locations``/``scales``) that every model in the process shares. Surface and static
+    statistics go to this model alone (Aurora's ``surf_stats``); atmospheric ones can only go
+    through the shared dicts, so they are installed at construction and again before every
+    forward: backbones with different statistics stay correct as long as they run in turn.
+    """
+
+    unfingerprinted_keys = ("task_head_surf_vars", "task_head_atmos_vars",
+                            "activation_checkpointing", "aurora_version")
+
+    def __init__(
+        self,
+        preset: str = "aurora-tiny",
+        *,
+        stats: NormalisationStats | None = None,
+        levels: Sequence[int | float] | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        strict: bool = True,
+        extra_surf_vars: Sequence[str] = (),
+        extra_atmos_vars: Sequence[str] = (),
+        architecture: Mapping[str, Any] | None = None,
+        activation_checkpointing: bool = False,
+        random_init: bool = False,
+    ) -> None:
+        super().__init__()
+        if preset not in AURORA_PRESETS:
+            raise ValueError(f"unknown Aurora preset '{preset}'; known: {sorted(AURORA_PRESETS)}")
+        spec = AURORA_PRESETS[preset]
+        overrides = _check_architecture(architecture or {})
+        kwargs = spec.build_kwargs(overrides)
+        base = {key: tuple(kwargs[key]) if key in kwargs else
+                tuple(_class_default(spec.model_class, key)) for key in _VARIABLE_KEYS}
+        extra_surf, extra_atmos = _check_extra_variables(base, extra_surf_vars, extra_atmos_vars)
+
+        # Where the weights are, and the levels and statistics that come with them.
+        folder_config: dict[str, Any] | None = None
+        weights: Path | None = None
+        carried: NormalisationStats | None = None
+        if checkpoint is None:
+            if spec.published and not random_init:
+                raise ValueError(_hub_message(preset, spec))
+        else:
+            weights = _resolve_checkpoint(checkpoint, preset, spec)
+            if weights.is_dir():
+                folder_config = _read_config(weights)
+                if (weights / _STATS_FILE).is_file():
+                    carried = NormalisationStats.load(weights / _STATS_FILE)
+        if levels is None:
+            levels = folder_config["levels"] if folder_config is not None else spec.levels
+        levels = tuple(_level_list(levels))
+        if not levels:
+            raise ValueError("an Aurora backbone needs at least one pressure level")
+        surf_vars, atmos_vars = base["surf_vars"] + extra_surf, base["atmos_vars"] + extra_atmos
+        static_vars = base["static_vars"]
+        required = _required_statistics(surf_vars, static_vars, atmos_vars, levels)
+        if carried is None and spec.published:
+            locations, scales = _aurora_default_statistics()
+            carried = NormalisationStats(
+                locations={k: locations[k] for k in required if k in locations},
+                scales={k: scales[k] for k in required if k in scales},
+                source="Aurora's built-in ERA5 statistics")
+        merged = _merge_statistics(carried, stats, f"the {preset} weights")
+        self.stats = _check_statistics(merged, required, preset, levels)
+
+        # The unmodified Aurora, with the union of variables; its parts become ours.
+        surface_keys = list(dict.fromkeys(surf_vars + static_vars))
+        kwargs.update(surf_vars=surf_vars, static_vars=static_vars, atmos_vars=atmos_vars,
+                      surf_stats={k: (self.stats.locations[k], self.stats.scales[k])
+                                  for k in surface_keys})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The normalisation statics")
+            model = spec.model_class(**kwargs)
+        self._adopt(model)
+
+        # Weights. Extra variables the checkpoint already has come pretrained: not task head.
+        architecture_record = _to_json({k: v for k, v in spec.build_kwargs(overrides).items()
+                                        if k not in _VARIABLE_KEYS})
+        self.load_report = LoadReport(source="(random initialisation)")
+        saved_keys: set[str] = set()
+        if weights is not None:
+            expected = _head_names(extra_surf, extra_atmos)
+            differences = [] if folder_config is None else _config_differences(
+                folder_config, preset, spec.model_class.__name__, architecture_record, levels)
+            self.load_report, saved_keys = self._load(weights, expected, differences, preset, strict)
+        new_surf = tuple(v for v in extra_surf if not _head_names((v,), ()) <= saved_keys)
+        new_atmos = tuple(v for v in extra_atmos if not _head_names((), (v,)) <= saved_keys)
+
+        self._levels = levels
+        self._atmos_statistics = {k: (self.stats.locations[k], self.stats.scales[k])
+                                  for k in required if k not in surface_keys}
+        self._config = {
+            "family": "aurora",
+            "preset": preset,
+            "model_class": spec.model_class.__name__,
+            "architecture": architecture_record,
+            "surf_vars": [v for v in surf_vars if v not in new_surf],
+            "static_vars": list(static_vars),
+            "atmos_vars": [v for v in atmos_vars if v not in new_atmos],
+            "levels": list(levels),
+            "task_head_surf_vars": list(new_surf),
+            "task_head_atmos_vars": list(new_atmos),
+            "activation_checkpointing": bool(activation_checkpointing),
+            "aurora_version": importlib.metadata.version("microsoft-aurora"),
+        }
+        if activation_checkpointing:
+            for _, block in self._swin_blocks():
+                block.forward = types.MethodType(_checkpointed_forward, block)
+        self.stats.install()
+        self._record_parameter_roles(_head_names(new_surf, new_atmos))
+        self.fingerprint()  # of the weights as loaded
+        recorded = (folder_config or {}).get("fingerprint")
+        if recorded and self.load_report.exact and recorded != self.fingerprint():
+            raise ValueError(f"the weights in {weights} do not match the fingerprint in its "
+                             f"{_CONFIG_FILE}: the checkpoint was modified or corrupted")
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _adopt(self, model: Aurora) -> None:
+        """Make Aurora's encoder, backbone and decoder our children (names stay Aurora's)."""
+        children = dict(model.named_children())
+        own = list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False))
+        if set(children) != {"encoder", "backbone", "decoder"} or own:
+            raise RuntimeError(f"this aurora version's model has parts {sorted(children)} "
+                               f"{[n for n, _ in own]}; weatherpeft expects encoder, backbone "
+                               "and decoder only")
+        self.__dict__["_aurora"] = model  # not registered: its parts are registered below
+        self.encoder = model.encoder
+        self.backbone = model.backbone
+        self.decoder = model.decoder
+
+    def _load(self, path: Path, expected_missing: set[str], differences: list[str], preset: str,
+              strict: bool) -> tuple[LoadReport, set[str]]:
+        """Load ``path`` into the model; report (or, if strict, refuse) every mismatch."""
+        if path.is_dir():
+            state, notes = load_file(path / _WEIGHTS_FILE), []
+        else:
+            state, notes = _load_aurora_file(self._aurora, path)
+        model_shapes = {k: tuple(v.shape) for k, v in self._aurora.state_dict().items()}
+        missing, unexpected, mismatches = compare_state(
+            model_shapes, {k: tuple(v.shape) for k, v in state.items()}, expected_missing)
+        report = LoadReport(source=str(path), missing=missing, unexpected=unexpected,
+                            shape_mismatches=mismatches, config_differences=tuple(differences),
+                            notes=tuple(notes))
+        if not report.exact:
+            if strict:
+                raise ValueError(f"cannot load {path} into {preset} with strict=True:\n"
+                                 f"{report.problems()}\n(strict=False loads the weights that fit "
+                                 "and skips the rest)")
+            logger.warning("loaded %s into %s partially (strict=False):\n%s", path, preset,
+                           report.problems())
+        for note in notes:
+            logger.info("%s: %s", path, note)
+        skipped = set(unexpected) | {key for key, _, _ in mismatches}
+        self._aurora.load_state_dict({k: v for k, v in state.items() if k not in skipped},
+                                     strict=False)
+        return report, set(state)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        extra_surf_vars: Sequence[str] = (),
+        extra_atmos_vars: Sequence[str] = (),
+        strict: bool = True,
+        *,
+        stats: NormalisationStats | None = None,
+        activation_checkpointing: bool = False,
+    ) -> AuroraBackbone:
+        """Rebuild a backbone saved by :meth:`save_checkpoint` and load its weights.
+
+        The folder's config gives preset, architecture, variables and levels; its
+        ``normalisation.json`` the statistics (``stats`` adds to or overrides them).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; a weatherpeft backbone checkpoint is a folder "
+                             f"with {_CONFIG_FILE} and {_WEIGHTS_FILE} (Microsoft's .ckpt files "
+                             "load with AuroraBackbone(preset, checkpoint=...))")
+        config = _read_config(path)
+        architecture = {k: v for k, v in config["architecture"].items() if k != "use_lora"}
+        architecture.update({key: config[key] for key in _VARIABLE_KEYS})
+        present = [v for v in (*extra_surf_vars, *extra_atmos_vars)
+                   if v in config["surf_vars"] or v in config["atmos_vars"]]
+        if present:
+            logger.info("%s already has %s: loaded as pretrained, not new", path, present)
+        return cls(config["preset"], stats=stats, levels=config["levels"], checkpoint=path,
+                   strict=strict, architecture=architecture,
+                   extra_surf_vars=[v for v in extra_surf_vars if v not in config["surf_vars"]],
+                   extra_atmos_vars=[v for v in extra_atmos_vars if v not in config["atmos_vars"]],
+                   activation_checkpointing=activation_checkpointing)
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and ``normalisation.json`` into folder ``path``.
+
+        Atomic (a temporary folder, then a rename). Holds the pretrained and task-head weights
+        under Aurora's names, never adapters a method added; new variables are ordinary
+        variables of the saved model.
+        """
+        named = self._pretrained_named + self._head_named
+        tensors = {name: parameter.detach().to("cpu").contiguous() for name, parameter in named}
+        config = self.config
+        config["surf_vars"] += config["task_head_surf_vars"]
+        config["atmos_vars"] += config["task_head_atmos_vars"]
+        config.update(task_head_surf_vars=[], task_head_atmos_vars=[],
+                      activation_checkpointing=False)
+        fingerprint = hash_weights(self.fingerprint_config(config), tensors.items())
+        content = {"format": _FORMAT, "fingerprint": fingerprint, **config}
+
+        def write(folder: Path) -> None:
+            save_file(tensors, str(folder / _WEIGHTS_FILE), metadata={"format": _FORMAT})
+            self.stats.save(folder / _STATS_FILE)
+            (folder / _CONFIG_FILE).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+
+        return write_directory_atomically(path, write, marker=_CONFIG_FILE)
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> Batch:
+        """Aurora's prediction for ``batch`` (physical units), normalised with :attr:`stats`."""
+        self._check_batch(batch)
+        for key, (location, scale) in self._atmos_statistics.items():
+            aurora_normalisation.locations[key] = location
+            aurora_normalisation.scales[key] = scale
+        return self._aurora(batch)
+
+    def embedding_weights(self, variables: Sequence[str]) -> torch.Tensor:
+        """(D, V, S) patch-embedding weights, S = history·patch², in the order given.
+
+        Names resolve to the atmospheric embedding first, then the surface one (which also
+        holds the static variables); ``"static_z"`` names static ``z`` where atmospheric ``z``
+        takes the plain name. See :attr:`embedding_variables`.
+        """
+        variables = [variables] if isinstance(variables, str) else list(variables)
+        if not variables:
+            raise ValueError("embedding_weights needs at least one variable")
+        repeated = sorted({v for v in variables if variables.count(v) > 1})
+        if repeated:
+            raise ValueError(f"variables repeated: {repeated}")
+        columns = [self._embedding(name) for name in variables]
+        return torch.stack([w.reshape(w.shape[0], -1) for w in columns], dim=1)
+
+    def prompt_sites(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every Swin block's window attention, encoder then decoder, with its qualified name."""
+        return [(f"{name}.attn", block.attn) for name, block in self._swin_blocks()]
+
+    def fingerprint_config(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The config minus runtime settings, variable lists sorted (their order changes nothing)."""
+        config = dict(self.config if config is None else config)
+        record = {k: v for k, v in config.items() if k not in self.unfingerprinted_keys}
+        for key in _VARIABLE_KEYS:
+            record[key] = sorted(record[key])
+        return record
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    @property
+    def aurora(self) -> Aurora:
+        """The wrapped ``aurora.Aurora`` (same modules as this backbone's)."""
+        return self._aurora
+
+    @property
+    def levels(self) -> tuple[int | float, ...]:
+        """Pressure levels (hPa) this backbone has statistics for."""
+        return self._levels
+
+    @property
+    def embedding_variables(self) -> tuple[str, ...]:
+        """Every name :meth:`embedding_weights` accepts: surface, atmospheric, static."""
+        atmos = tuple(self._aurora.atmos_vars)
+        static = tuple(f"static_{v}" if v in atmos else v for v in self._aurora.static_vars)
+        return tuple(self._aurora.surf_vars) + atmos + static
+
+    def _embedding(self, name: str) -> torch.nn.Parameter:
+        surface = self.encoder.surf_token_embeds.weights
+        atmospheric = self.encoder.atmos_token_embeds.weights
+        if name.startswith("static_") and name[len("static_"):] in self._aurora.static_vars:
+            return surface[name[len("static_"):]]
+        if name in atmospheric:
+            return atmospheric[name]
+        if name in surface:
+            return surface[name]
+        raise ValueError(f"no patch embedding for '{name}'; known: {list(self.embedding_variables)}")
+
+    def _swin_blocks(self) -> list[tuple[str, Swin3DTransformerBlock]]:
+        return [(f"backbone.{group}.{i}.blocks.{j}", block)
+                for group in ("encoder_layers", "decoder_layers")
+                for i, layer in enumerate(getattr(self.backbone, group))
+                for j, block in enumerate(layer.blocks)]
+
+    def _check_batch(self, batch: Batch) -> None:
+        """Name variables or levels the model cannot take (Aurora would fail with a bare KeyError)."""
+        problems = []
+        for kind, given, known in (("surface", batch.surf_vars, self._aurora.surf_vars),
+                                   ("static", batch.static_vars, self._aurora.static_vars),
+                                   ("atmospheric", batch.atmos_vars, self._aurora.atmos_vars)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                problems.append(f"{kind} variables {unknown} (model has {list(known)})")
+        levels = [level for level in batch.metadata.atmos_levels
+                  if not any(math.isclose(float(level), float(m)) for m in self._levels)]
+        if levels:
+            problems.append(f"levels {levels} (backbone has statistics for {list(self._levels)})")
+        if problems:
+            raise ValueError("batch does not fit this backbone: " + "; ".join(problems))
+
+
+# -- construction helpers ------------------------------------------------------------------
+
+
+def _check_architecture(architecture: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(architecture) - _aurora_keywords())
+    if unknown:
+        raise ValueError(f"unknown Aurora argument(s) {unknown} in architecture")
+    for key, why in _FORBIDDEN_KWARGS.items():
+        if key in architecture and not (key == "use_lora" and architecture[key] is False):
+            raise ValueError(f"architecture may not set '{key}': {why}")
+    return {k: _from_json(v) for k, v in architecture.items() if k != "use_lora"}
+
+
+def _check_extra_variables(base: Mapping[str, tuple[str, ...]], extra_surf: Sequence[str],
+                           extra_atmos: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    extra_surf, extra_atmos = tuple(extra_surf), tuple(extra_atmos)
+    for kind, extra, taken in (("surface", extra_surf, base["surf_vars"] + base["static_vars"]),
+                               ("atmospheric", extra_atmos, base["atmos_vars"])):
+        repeated = sorted({v for v in extra if extra.count(v) > 1})
+        clash = sorted(set(extra) & set(taken))
+        if repeated or clash:
+            raise ValueError(f"extra {kind} variables {repeated + clash} are repeated or already "
+                             f"variables of the model ({list(taken)})")
+    return extra_surf, extra_atmos
+
+
+def _head_names(surf_vars: Sequence[str], atmos_vars: Sequence[str]) -> set[str]:
+    """Aurora's parameter names for the patch embedding and output head of each variable."""
+    names = set()
+    for kind, variables in (("surf", surf_vars), ("atmos", atmos_vars)):
+        for v in variables:
+            names |= {f"encoder.{kind}_token_embeds.weights.{v}", f"decoder.{kind}_heads.{v}.weight",
+                      f"decoder.{kind}_heads.{v}.bias"}
+    return names
+
+
+def _hub_message(preset: str, spec: AuroraPreset) -> str:
+    klass = spec.model_class
+    return (f"preset '{preset}' needs Microsoft's pretrained weights, and weatherpeft never "
+            f"downloads: fetch {klass.default_checkpoint_name} from "
+            f"https://huggingface.co/{klass.default_checkpoint_repo} (revision "
+            f"{klass.default_checkpoint_revision}) yourself and pass its local path as "
+            f"checkpoint='/path/to/{klass.default_checkpoint_name}'")
+
+
+def _resolve_checkpoint(checkpoint: str | os.PathLike, preset: str, spec: AuroraPreset) -> Path:
+    if _looks_like_hub(checkpoint):
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is not a local path. " +
+                         (_hub_message(preset, spec) if spec.published else
+                          "Pass the folder written by save_checkpoint."))
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        hint = f" ({_hub_message(preset, spec)})" if spec.published else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    return path
+
+
+def _check_statistics(stats: NormalisationStats | None, required: Sequence[str], preset: str,
+                      levels: Sequence[int | float]) -> NormalisationStats:
+    """The statistics for exactly the keys the model reads; a clear error naming any missing."""
+    if stats is None:
+        raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
+                         "(weatherpeft.data.stats.compute_stats over the training period) "
+                         f"covering {list(required)}")
+    missing = [k for k in required if k not in stats.locations]
+    if missing:
+        raise ValueError(f"normalisation statistics ({stats.source or 'given'}) lack {missing}, "
+                         f"which {preset} with levels {list(levels)} needs; compute them with "
+                         "weatherpeft.data.stats.compute_stats")
+    return _subset(stats, required)
+
+
+def _config_differences(saved: Mapping[str, Any], preset: str, model_class: str,
+                        architecture: Mapping[str, Any], levels: Sequence[int | float]) -> list[str]:
+    """Settings in which a checkpoint folder's config differs from the model being built."""
+    differences = []
+    for key, ours in (("preset", preset), ("model_class", model_class), ("levels", list(levels))):
+        if saved.get(key) != ours:
+            differences.append(f"{key}: checkpoint {saved.get(key)!r} vs model {ours!r}")
+    theirs = saved.get("architecture") or {}
+    for name in sorted(set(theirs) | set(architecture)):
+        if theirs.get(name) != architecture.get(name):
+            differences.append(f"architecture.{name}: checkpoint {theirs.get(name)!r} vs model "
+                               f"{architecture.get(name)!r}")
+    return differences

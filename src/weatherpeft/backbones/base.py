@@ -1,0 +1,228 @@
+"""The Backbone contract: what weatherpeft needs from a weather foundation model, and no more.
+
+A :class:`Backbone` wraps a real, unmodified foundation model (Aurora, Prithvi-WxC) so that
+methods (TADP, SFAS, LoRA, ...) and tasks can work on any of them: a forward pass on
+``aurora.Batch``, the per-variable patch embeddings (TADP's task repository), the attention
+modules where prompts go, the split of parameters into pretrained and task head, and a
+fingerprint that adapter files record so that they refuse the wrong backbone.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from aurora import Batch
+
+__all__ = ["Backbone", "LoadReport", "compare_state", "hash_weights", "write_directory_atomically"]
+
+#: How many keys of one kind an error message lists before it summarises the rest.
+_LISTED_KEYS = 25
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a checkpoint load could not take as it was, and what it changed on the way.
+
+    ``missing``: model keys the checkpoint lacks (left as initialised), task-head keys excluded;
+    ``unexpected``: checkpoint keys the model lacks (ignored); ``shape_mismatches``:
+    (key, checkpoint shape, model shape), skipped; ``config_differences``: settings that differ
+    between the checkpoint's record and the model; ``notes``: conversions done (not problems).
+    """
+
+    source: str
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    config_differences: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        """True when every model weight came from the checkpoint and everything matched."""
+        return not (self.missing or self.unexpected or self.shape_mismatches
+                    or self.config_differences)
+
+    def problems(self) -> str:
+        """The mismatches as readable lines (empty when :attr:`exact`)."""
+
+        def listing(keys: Sequence[str]) -> str:
+            shown = ", ".join(keys[:_LISTED_KEYS])
+            more = len(keys) - _LISTED_KEYS
+            return shown + (f", ... and {more} more" if more > 0 else "")
+
+        lines = []
+        if self.missing:
+            lines.append(f"  missing from the checkpoint ({len(self.missing)}): {listing(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected in the checkpoint ({len(self.unexpected)}): "
+                         f"{listing(self.unexpected)}")
+        if self.shape_mismatches:
+            shapes = [f"{key} (checkpoint {list(saved)} vs model {list(model)})"
+                      for key, saved, model in self.shape_mismatches]
+            lines.append(f"  shape differs ({len(shapes)}): {listing(shapes)}")
+        for difference in self.config_differences:
+            lines.append(f"  config differs: {difference}")
+        return "\n".join(lines)
+
+
+def compare_state(model_shapes: Mapping[str, tuple[int, ...]],
+                  checkpoint_shapes: Mapping[str, tuple[int, ...]],
+                  expected_missing: Iterable[str] = ()) -> tuple[tuple[str, ...], tuple[str, ...],
+                                                                 tuple[tuple[str, tuple[int, ...],
+                                                                             tuple[int, ...]], ...]]:
+    """(missing, unexpected, shape mismatches) between a model's and a checkpoint's tensors.
+
+    ``expected_missing`` (new variables' heads) are not reported when the checkpoint lacks them.
+    """
+    allowed = set(expected_missing)
+    missing = tuple(sorted(k for k in model_shapes if k not in checkpoint_shapes and k not in allowed))
+    unexpected = tuple(sorted(k for k in checkpoint_shapes if k not in model_shapes))
+    mismatches = tuple(sorted(
+        (k, tuple(checkpoint_shapes[k]), tuple(model_shapes[k]))
+        for k in model_shapes
+        if k in checkpoint_shapes and tuple(checkpoint_shapes[k]) != tuple(model_shapes[k])))
+    return missing, unexpected, mismatches
+
+
+def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None],
+                               marker: str) -> Path:
+    """Let ``write`` fill a temporary sibling folder, then move it to ``path`` in one rename.
+
+    An existing ``path`` is replaced only if it holds ``marker`` (i.e. it is an earlier folder
+    of the same kind), never an unrelated folder. On any error nothing is left behind and an
+    earlier folder at ``path`` is kept.
+    """
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and (path / marker).is_file()):
+        raise FileExistsError(f"{path} exists and is not a folder written by weatherpeft "
+                              f"(no {marker} inside): refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(temporary)
+        for item in temporary.iterdir():
+            with open(item, "rb") as stream:
+                os.fsync(stream.fileno())
+        if path.exists():
+            previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, previous)
+            try:
+                os.rename(temporary, path)
+            except BaseException:
+                os.rename(previous, path)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return path
+
+
+def hash_weights(config: Mapping[str, Any],
+                  named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over canonical JSON of ``config``, then every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        if tensor.is_meta:
+            raise RuntimeError(f"cannot fingerprint '{name}': it is on the meta device (no data)")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"\n{name}|{data.dtype}|{list(tensor.shape)}\n".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class Backbone(torch.nn.Module, abc.ABC):
+    """A pretrained weather foundation model behind the interface methods and tasks rely on.
+
+    Subclasses build the wrapped model, then call :meth:`_record_parameter_roles` once its
+    weights are loaded. Roles are kept by parameter identity, so they survive renaming by
+    methods that wrap submodules (HF peft); parameters added later (adapters) belong to neither.
+    """
+
+    #: Config keys that do not change what the backbone computes; the fingerprint ignores them.
+    unfingerprinted_keys: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config: dict[str, Any] = {}
+        self._pretrained_named: list[tuple[str, torch.nn.Parameter]] = []
+        self._head_named: list[tuple[str, torch.nn.Parameter]] = []
+        self._fingerprint: str | None = None
+
+    # -- the model ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> Batch:
+        """Predict from ``batch`` (physical units in, physical units out)."""
+
+    @abc.abstractmethod
+    def embedding_weights(self, variables: Sequence[str]) -> torch.Tensor:
+        """Per-variable patch-embedding weights, shape (D, V, S) with S = T·Ph·Pw, in order.
+
+        A differentiable function of the live parameters: gradients reach the embeddings.
+        """
+
+    @abc.abstractmethod
+    def prompt_sites(self) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) of every attention module where prompt tokens can go."""
+
+    # -- configuration and identity -------------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able description: preset, variables, levels, architecture (a copy)."""
+        return copy.deepcopy(self._config)
+
+    def fingerprint_config(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The part of a config (default :attr:`config`) that defines the pretrained model."""
+        config = self.config if config is None else config
+        return {k: v for k, v in config.items() if k not in self.unfingerprinted_keys}
+
+    def fingerprint(self, refresh: bool = False) -> str:
+        """sha256 of the fingerprint config and the pretrained weights as loaded (cached).
+
+        ``refresh=True`` rehashes the current weights (and caches that instead).
+        """
+        if self._fingerprint is None or refresh:
+            self._fingerprint = hash_weights(self.fingerprint_config(), self._pretrained_named)
+        return self._fingerprint
+
+    # -- parameter roles ------------------------------------------------------------------
+
+    def _record_parameter_roles(self, task_head_names: Iterable[str]) -> None:
+        """Split ``named_parameters()`` into task head (the given names) and pretrained (the rest)."""
+        named = dict(self.named_parameters())
+        head = set(task_head_names)
+        unknown = sorted(head - set(named))
+        if unknown:
+            raise KeyError(f"task-head parameters not in the model: {unknown}")
+        self._head_named = [(n, p) for n, p in named.items() if n in head]
+        self._pretrained_named = [(n, p) for n, p in named.items() if n not in head]
+        self._fingerprint = None
+
+    def _select(self, recorded: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
+        wanted = {id(p) for _, p in recorded}
+        return {n: p for n, p in self.named_parameters() if id(p) in wanted}
+
+    def pretrained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Everything that came pretrained and is not task head: what SFAS selects from."""
+        return self._select(self._pretrained_named)
+
+    def task_head_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Embeddings and output heads of variables the checkpoint lacked: trained by every method."""
+        return self._select(self._head_named)
