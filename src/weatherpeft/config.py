@@ -26,9 +26,13 @@ def _field_parser(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add ``--config`` and one flag per field of dataclass ``cls`` (default: unset)."""
-    parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, with_config_flag: bool = True) -> None:
+    """Add ``--config`` and one flag per field of dataclass ``cls`` (default: unset).
+
+    Several dataclasses can share one parser (and one ``--config`` file): add the flag once.
+    """
+    if with_config_flag:
+        parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
         element, is_sequence = _field_parser(hints[spec.name])
@@ -57,8 +61,11 @@ def _coerce(cls, key: str, value, hints: dict):
         raise ValueError(f"{cls.__name__}: bad value for '{key}': {value!r} ({error})") from error
 
 
-def build_config(cls, args: argparse.Namespace):
-    """Instantiate ``cls`` from ``args.config`` (YAML) overridden by explicitly given flags."""
+def build_config(cls, args: argparse.Namespace, shared_keys: tuple[str, ...] = ()):
+    """Instantiate ``cls`` from ``args.config`` (YAML) overridden by explicitly given flags.
+
+    ``shared_keys`` are keys of other dataclasses that share the YAML file (not errors here).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -69,10 +76,10 @@ def build_config(cls, args: argparse.Namespace):
         content = yaml.safe_load(path.read_text()) or {}
         if not isinstance(content, dict):
             raise ValueError(f"{path}: expected a mapping of option: value, got {type(content).__name__}")
-        unknown = sorted(set(content) - names)
+        unknown = sorted(set(content) - names - set(shared_keys))
         if unknown:
-            raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(names)}")
-        values.update({k: _coerce(cls, k, v, hints) for k, v in content.items()})
+            raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(names | set(shared_keys))}")
+        values.update({k: _coerce(cls, k, v, hints) for k, v in content.items() if k in names})
     for name in names:
         given = getattr(args, name, None)
         if given is not None:

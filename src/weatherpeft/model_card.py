@@ -1,0 +1,89 @@
+"""Model cards: forecast skill of a backbone against persistence and climatology.
+
+The card is JSON (``model_card.json``, every number) plus Markdown (``MODEL_CARD.md``, the
+table people read). It also records a *reproducibility row*: the scores on the first few
+evaluation windows, so a test can recompute them from the checkpoint on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from weatherpeft.data.manifest import write_json_atomic
+from weatherpeft.tasks.forecasting import SOURCES, ForecastingTask
+
+#: Variables and leads the card's table shows (all channels are in the JSON).
+CARD_CHANNELS = ("2t", "10u", "10v", "msl", "z500", "t850")
+CARD_LEADS_HOURS = (6, 24, 72)
+REPRODUCIBILITY_WINDOWS = 4
+
+
+def evaluation_windows(task: ForecastingTask, stride: int) -> list[int]:
+    """Indices of the test roll-out windows used: every ``stride``-th initialisation."""
+    return list(range(0, len(task.datasets()["test"]), stride))
+
+
+def score(model: torch.nn.Module, task: ForecastingTask, windows: Sequence[int], *,
+          batch_size: int = 4, references: bool = True) -> dict[str, float]:
+    """Latitude-weighted RMSE per channel and lead on the given test windows."""
+    loader = DataLoader(Subset(task.datasets()["test"], list(windows)), batch_size=batch_size,
+                        shuffle=False, collate_fn=task.collate)
+    return task.evaluate(model, loader, references=references)
+
+
+def build_card(model: torch.nn.Module, task: ForecastingTask, *, stride: int, about: dict) -> dict:
+    """Score the model and the references; returns the card's content."""
+    windows = evaluation_windows(task, stride)
+    scores = score(model, task, windows)
+    check_windows = windows[:REPRODUCIBILITY_WINDOWS]
+    check = score(model, task, check_windows, references=False)
+    return {**about, "evaluation": {"period": list(map(str, task.periods["test"])),
+                                    "initialisations": len(windows), "stride_steps": stride,
+                                    "rmse": scores},
+            "reproducibility": {"windows": check_windows, "rmse": check}}
+
+
+def _key(source: str, channel: str, hours: int) -> str:
+    return f"{source}/rmse/{channel}/{hours}h"
+
+
+def markdown(card: dict) -> str:
+    """The card's table: RMSE of model, persistence and climatology per variable and lead."""
+    scores = card["evaluation"]["rmse"]
+    lines = [f"# {card['name']}", "", card.get("summary", ""), ""]
+    lines += [f"- {key}: {value}" for key, value in card.get("facts", {}).items()]
+    lines += ["", f"Latitude-weighted RMSE on {card['evaluation']['initialisations']} initialisations of "
+              f"{card['evaluation']['period'][0][:10]} … {card['evaluation']['period'][1][:10]} "
+              "(physical units; lower is better; **bold** = best).", ""]
+    header = "| variable | " + " | ".join(f"{h} h {s}" for h in CARD_LEADS_HOURS for s in SOURCES) + " |"
+    lines += [header, "|" + "---|" * (1 + len(CARD_LEADS_HOURS) * len(SOURCES))]
+    for channel in CARD_CHANNELS:
+        cells = []
+        for hours in CARD_LEADS_HOURS:
+            values = {s: scores.get(_key(s, channel, hours)) for s in SOURCES}
+            best = min((v for v in values.values() if v is not None), default=None)
+            for source in SOURCES:
+                value = values[source]
+                text = "–" if value is None else f"{value:.4g}"
+                cells.append(f"**{text}**" if value is not None and value == best else text)
+        lines.append(f"| {channel} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(card: dict, folder: Path) -> None:
+    """Write ``model_card.json`` and ``MODEL_CARD.md`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    write_json_atomic(folder / "model_card.json", card)
+    tmp = folder / "MODEL_CARD.md.tmp"
+    tmp.write_text(markdown(card))
+    tmp.replace(folder / "MODEL_CARD.md")
+
+
+def load_card(folder: Path) -> dict:
+    """Read a model card written by :func:`write_card`."""
+    return json.loads((Path(folder) / "model_card.json").read_text())
