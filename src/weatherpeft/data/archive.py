@@ -125,3 +125,9 @@ def append(ds: xr.Dataset, path: Path) -> Path:
     time_vars = [name for name, variable in ds.data_vars.items() if "time" in variable.dims]
     ds[time_vars].to_zarr(path, append_dim="time", consolidated=True, zarr_format=2)
     return path
+
+
+def repack(source: Path, target: Path) -> Path:
+    """Rewrite an unpacked store as a packed one (e.g. after changing :data:`PACKING_PRECISION`)."""
+    with xr.open_zarr(source) as ds:
+        return write(ds.load(), target, pack=True)

@@ -249,7 +249,7 @@ class _ArchiveBuffer:
             values.clear()
 
 
-def _run_truth(cfg: SimulationConfig, on_ensemble_init) -> dict:
+def _run_truth(cfg: SimulationConfig, on_downstream_state) -> dict:
     """Integrate the truth run; write pretraining, downstream and regional archives."""
     truth = _SpeedyModel(cfg, cfg.truncation, cfg.run_start())
     model = truth.model
@@ -293,8 +293,8 @@ def _run_truth(cfg: SimulationConfig, on_ensemble_init) -> dict:
         when = archive_start + dt.timedelta(hours=6 * step)
         physics_state = to_physics_state(model.dycore_state)
         snaps = predictions.snapshots
-        diagnostics = {wb2: np.asarray(snaps[key])[0, 0] if np.asarray(snaps[key]).ndim == 4 else np.asarray(snaps[key])[0]
-                       for wb2, key in _NEAR_SURFACE.items()}
+        # snapshots are (frame, snapshot, lon, lat): one frame, one snapshot at its end
+        diagnostics = {wb2: np.asarray(snaps[key])[0, -1] for wb2, key in _NEAR_SURFACE.items()}
         precip = (np.asarray(predictions.physics["_condensation"].precls)
                   + np.asarray(predictions.physics["_convection"].precnv))[0]
         native = _native_fields(physics_state, diagnostics, precip, truth, all_levels)
@@ -306,7 +306,7 @@ def _run_truth(cfg: SimulationConfig, on_ensemble_init) -> dict:
         else:
             downstream.add(when, {k: to_global(v) for k, v in native.items()}, all_levels)
             regional.add(when, {k: to_regional(v) for k, v in native.items()}, all_levels)
-            on_ensemble_init(when, physics_state)
+            on_downstream_state(when, physics_state)
         if step % 400 == 0:
             log.info("truth run at %s (%.0f s)", when.isoformat(), time.perf_counter() - start)
     if pretraining.times:
