@@ -132,9 +132,7 @@ def cmd_demo(args) -> int:
     for name in builtin.STORES:
         print(describe_store(builtin.store_path(name)))
     stats = NormalisationStats.load(root / "normalisation.json")
-    dataset = wb2.WB2Dataset(builtin.store_path("downstream"), wb2.SampleSpec(
-        surf_vars=("2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind",
-                   "mean_sea_level_pressure", "total_precipitation_6hr")))
+    dataset = wb2.WB2Dataset(builtin.store_path("downstream"), wb2.SampleSpec())
     inputs, target = wb2.collate_batches([dataset[0], dataset[len(dataset) // 2]])
     print(f"forecasting samples (2 inputs 6 h apart → +6 h): {len(dataset)}; a batch of 2:")
     for key, value in {**inputs.surf_vars, **inputs.atmos_vars}.items():
@@ -148,7 +146,35 @@ def cmd_demo(args) -> int:
             f"{k} = {v:.3g}" for k, v in world.items() if isinstance(v, float) and
             k in ("global_mean_precipitation_mm_per_day", "dry_fraction_6h_below_0.1mm", "itcz_seasonal_shift_deg",
                   "t2m_global_mean_k", "jet_max_zonal_mean_u500_nh_ms")))
+    _demo_forecast(dataset)
     return 0
+
+
+def _demo_forecast(dataset) -> None:
+    """A 24-hour roll-out of the shipped pretrained backbone on one downstream sample."""
+    import torch
+
+    from weatherpeft.backbones.aurora import AuroraBackbone
+    from weatherpeft.data import builtin
+    from weatherpeft.metrics import rmse
+    from weatherpeft.tasks.forecasting import rollout
+
+    checkpoint = builtin.builtin_dir().parents[1] / "models" / "aurora-tiny"
+    if not (checkpoint / "model.safetensors").is_file():
+        print(f"(no pretrained backbone at {checkpoint}: skipping the forecast)")
+        return
+    backbone = AuroraBackbone.from_checkpoint(checkpoint)
+    inputs, _ = dataset[0]
+    with torch.no_grad():
+        forecast = rollout(backbone, inputs, 4)[-1]
+    truth, _ = dataset[4]  # its last input time is 24 h after the first sample's
+    lat = inputs.metadata.lat
+    print(f"24 h forecast by {checkpoint.name} from {inputs.metadata.time[0]:%Y-%m-%d %H:%M} "
+          f"({sum(p.numel() for p in backbone.parameters()):,} parameters), RMSE model vs persistence:")
+    for name in ("2t", "msl"):
+        model_error = float(rmse(forecast.surf_vars[name][:, -1], truth.surf_vars[name][:, -1], lat))
+        persistence = float(rmse(inputs.surf_vars[name][:, -1], truth.surf_vars[name][:, -1], lat))
+        print(f"  {name:>4}: {model_error:.3g} vs {persistence:.3g}")
 
 
 @dataclass
@@ -162,6 +188,7 @@ class PretrainConfig:
     val_start: str = "2002-12-01T00:00"
     val_end: str = "2002-12-31T18:00"
     export: str = "models/aurora-tiny"
+    loss_scales: str = "tendency"  # "tendency" (errors / RMS 6-h change) or "state" (errors / std)
     threads: int = 1  # torch threads; 1 is fastest on a shared 2-core machine
 
 
@@ -200,7 +227,10 @@ def cmd_pretrain(args) -> int:
     periods = {"train": (cfg.train_start, cfg.train_end), "val": (cfg.val_start, cfg.val_end),
                "test": (cfg.val_start, cfg.val_end)}
     # statistics from the training period; roll-out skill is `weatherpeft evaluate`'s job
-    task = ForecastingTask(cfg.store, periods, lead_steps=(1,))
+    if cfg.loss_scales not in ("tendency", "state"):
+        raise ValueError(f"--loss-scales must be 'tendency' or 'state', got {cfg.loss_scales!r}")
+    task = ForecastingTask(cfg.store, periods, lead_steps=(1,),
+                           loss_scales="tendency" if cfg.loss_scales == "tendency" else None)
     stats = task.stats
     seed_everything(train_cfg.seed)
     backbone = AuroraBackbone(cfg.preset, stats=stats, levels=task.variables.levels, random_init=True,

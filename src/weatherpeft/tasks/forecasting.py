@@ -332,6 +332,47 @@ def compute_climatology(source: str | os.PathLike | xr.Dataset, spec: SampleSpec
                        period=period, source=name_of_source)
 
 
+def tendency_scales(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
+                    block_bytes: int = 64 * 2**20) -> dict[str, float]:
+    """Latitude-weighted RMS of the one-step change of each variable (and level) over [start, end].
+
+    Keys as in :class:`NormalisationStats` ("2t", "z_500"). Dividing forecast errors by
+    these instead of the state's standard deviation weights each variable by how hard it
+    is to beat persistence (as GraphCast normalises its residual targets): slowly changing
+    fields such as temperature are no longer drowned by fast ones such as wind.
+    """
+    if spec.start is None or spec.end is None:
+        raise ValueError("tendency_scales needs SampleSpec.start and .end (the training period)")
+    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else \
+        open_store(source, spec.names)
+    name_of_source = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+    selection = select(ds, spec)
+    weights = np.cos(np.deg2rad(selection.lat.astype(np.float64)))
+    weights = weights / weights.mean()
+    scales: dict[str, float] = {}
+    for name, aurora_name in selection.dynamic.items():
+        squares, count = None, 0
+        for chunk in time_blocks(selection, selection.positions, block_bytes):
+            values = read_fields(ds, name, chunk, selection.level_index).astype(np.float64)
+            check_finite(values, name, chunk, selection, name_of_source)
+            consecutive = np.diff(selection.times[chunk].astype(np.int64)) == selection.step_ns
+            change = np.diff(values, axis=0)[consecutive]
+            if values.ndim == 3:
+                change = change[:, None]
+            term = np.einsum("nchw,h->c", change**2, weights) / (change.shape[-1] * change.shape[-2])
+            squares = term if squares is None else squares + term
+            count += int(consecutive.sum())
+        if not count:
+            raise ValueError(f"no consecutive time steps of '{name}' in the period of {name_of_source}")
+        rms = np.sqrt(squares / count)
+        if name in selection.atmos:
+            for level, value in zip(selection.levels, rms):
+                scales[f"{aurora_name}_{level_to_str(level)}"] = float(value)
+        else:
+            scales[aurora_name] = float(rms[0])
+    return scales
+
+
 # --------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------
@@ -355,7 +396,8 @@ class ForecastingTask(Task):
     on disk (recomputed when it does not match the store, period, variables or grid).
 
     Loss: with e = (prediction − target) / scale (per variable and per level; the
-    location cancels), the latitude-weighted spatial mean of e² averaged over batch and
+    location cancels; ``loss_scales`` = the statistics' standard deviations by default, or
+    ``"tendency"`` for the RMS one-step change, see :func:`tendency_scales`), the latitude-weighted spatial mean of e² averaged over batch and
     time gives one term per surface variable and per (atmospheric variable, level). An
     atmospheric variable's term is the mean over its levels; the loss is the mean over
     variables (weighted by ``variable_weights``, default 1 each). So every variable
@@ -377,7 +419,8 @@ class ForecastingTask(Task):
                  variable_weights: Mapping[str, float] | None = None,
                  names: Mapping[str, str] | None = None,
                  in_memory: bool | None = None,
-                 climatology_path: str | os.PathLike | None = None):
+                 climatology_path: str | os.PathLike | None = None,
+                 loss_scales: Mapping[str, float] | str | None = None):
         missing = [split for split in SPLITS if split not in periods]
         if missing:
             raise ValueError(f"periods must give {list(SPLITS)}; missing {missing}")
@@ -404,6 +447,11 @@ class ForecastingTask(Task):
                                         static_vars=tuple(sel.static.values()),
                                         levels=tuple(sel.levels))
         self.stats = stats if stats is not None else compute_stats(store, self.spec("train"))
+        if loss_scales == "tendency":
+            loss_scales = tendency_scales(store, self.spec("train"))
+        elif isinstance(loss_scales, str):
+            raise ValueError(f"loss_scales must be 'tendency', a mapping or None, got {loss_scales!r}")
+        self.loss_scales = dict(loss_scales) if loss_scales is not None else dict(self.stats.scales)
         self._check_stats()
         weights = dict(variable_weights or {})
         unknown = set(weights) - set(sel.dynamic.values())
@@ -539,10 +587,10 @@ class ForecastingTask(Task):
         keys = [name for name in self._selection.surf.values()]
         keys += [f"{name}_{level_to_str(level)}" for name in self._selection.atmos.values()
                  for level in self._selection.levels]
-        missing = [key for key in keys if key not in self.stats.scales]
-        if missing:
-            raise ValueError(f"normalisation statistics lack {missing} (they have "
-                             f"{sorted(self.stats.scales)[:20]}…)")
+        for scales, what in ((self.stats.scales, "normalisation statistics"), (self.loss_scales, "loss scales")):
+            missing = [key for key in keys if key not in scales]
+            if missing:
+                raise ValueError(f"{what} lack {missing} (they have {sorted(scales)[:20]}…)")
 
     def _scale_tensors(self, levels: tuple, device: torch.device) -> dict[str, torch.Tensor]:
         """Scale per variable, broadcastable to its field: () surface, (C, 1, 1) atmospheric."""
@@ -550,11 +598,11 @@ class ForecastingTask(Task):
         if key not in self._scales:
             scales = {}
             for name in self._selection.surf.values():
-                scales[name] = torch.tensor(self.stats.scales[name], dtype=torch.float32,
+                scales[name] = torch.tensor(self.loss_scales[name], dtype=torch.float32,
                                             device=device)
             for name in self._selection.atmos.values():
                 try:
-                    values = [self.stats.scales[f"{name}_{level_to_str(level)}"] for level in levels]
+                    values = [self.loss_scales[f"{name}_{level_to_str(level)}"] for level in levels]
                 except KeyError as error:
                     raise ValueError(f"normalisation statistics lack {error} for level set "
                                      f"{levels}") from error
