@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from weatherpeft.atomic import write_json
 from weatherpeft.data.manifest import (
     MANIFEST_NAME,
     file_digests,
     verify_manifest,
-    write_json_atomic,
     write_manifest,
 )
 
@@ -80,8 +80,8 @@ def test_several_problems_are_all_reported(tree):
 
 
 def test_unhashed_side_files_do_not_break_verification(tree):
-    write_json_atomic(tree / "generation_log.json", {"timings_seconds": {"truth": 1.0}})
-    write_json_atomic(tree / "data_card.json", {"downstream": {}})
+    write_json(tree / "generation_log.json", {"timings_seconds": {"truth": 1.0}})
+    write_json(tree / "data_card.json", {"downstream": {}})
     assert verify_manifest(tree) == []
     assert "generation_log.json" not in file_digests(tree)
 

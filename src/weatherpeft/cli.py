@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from weatherpeft.config import add_dataclass_arguments, build_config
-from weatherpeft.data.manifest import write_json_atomic
+from weatherpeft.atomic import write_json
 
 log = logging.getLogger("weatherpeft")
 
@@ -242,7 +242,7 @@ def cmd_pretrain(args) -> int:
     summary["resumed"] = bool(args.resume)
     backbone.save_checkpoint(cfg.export)
     about = {"pretraining": {**asdict(cfg), **asdict(train_cfg)}, "fit": summary}
-    write_json_atomic(Path(cfg.export) / "pretraining.json", about)
+    write_json(Path(cfg.export) / "pretraining.json", about)
     print(f"pretrained {cfg.preset} saved to {cfg.export}")
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from weatherpeft.data.manifest import write_json_atomic
+from weatherpeft.atomic import write_json, write_text
 from weatherpeft.tasks.forecasting import SOURCES, ForecastingTask
 
 #: Variables and leads the card's table shows (all channels are in the JSON).
@@ -77,11 +77,8 @@ def markdown(card: dict) -> str:
 
 def write_card(card: dict, folder: Path) -> None:
     """Write ``model_card.json`` and ``MODEL_CARD.md`` into ``folder`` (atomically)."""
-    folder = Path(folder)
-    write_json_atomic(folder / "model_card.json", card)
-    tmp = folder / "MODEL_CARD.md.tmp"
-    tmp.write_text(markdown(card))
-    tmp.replace(folder / "MODEL_CARD.md")
+    write_json(Path(folder) / "model_card.json", card)
+    write_text(Path(folder) / "MODEL_CARD.md", markdown(card))
 
 
 def load_card(folder: Path) -> dict:

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -40,6 +39,7 @@ from aurora import Batch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from weatherpeft.atomic import torch_save, write_text
 from weatherpeft.tasks.base import Task
 
 __all__ = [
@@ -241,31 +241,6 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _atomic_torch_save(content: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(content, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def _checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -594,7 +569,7 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the crash
-        _atomic_write_text("".join(line + "\n" for line in kept), path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -623,7 +598,7 @@ class Trainer:
             "config": json.dumps(self.config.to_dict()),
         }
         path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-        _atomic_torch_save(content, path)
+        torch_save(path, content)
         for _, old in _checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path

@@ -35,12 +35,12 @@ from aurora import Aurora, AuroraHighRes, AuroraPretrained, AuroraSmallPretraine
 from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
 from safetensors.torch import load_file, save_file
 
+from weatherpeft.atomic import atomic_directory
 from weatherpeft.backbones.base import (
     Backbone,
     LoadReport,
     hash_weights,
     compare_state,
-    write_directory_atomically,
 )
 from weatherpeft.data.stats import NormalisationStats
 
@@ -545,7 +545,7 @@ class AuroraBackbone(Backbone):
             self.stats.save(folder / _STATS_FILE)
             (folder / _CONFIG_FILE).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
 
-        return write_directory_atomically(path, write, marker=_CONFIG_FILE)
+        return atomic_directory(path, write, marker=_CONFIG_FILE)
 
     # -- the contract ---------------------------------------------------------------------
 

@@ -13,19 +13,14 @@ import abc
 import copy
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from aurora import Batch
 
-__all__ = ["Backbone", "LoadReport", "compare_state", "hash_weights", "write_directory_atomically"]
+__all__ = ["Backbone", "LoadReport", "compare_state", "hash_weights"]
 
 #: How many keys of one kind an error message lists before it summarises the rest.
 _LISTED_KEYS = 25
@@ -94,42 +89,6 @@ def compare_state(model_shapes: Mapping[str, tuple[int, ...]],
         for k in model_shapes
         if k in checkpoint_shapes and tuple(checkpoint_shapes[k]) != tuple(model_shapes[k])))
     return missing, unexpected, mismatches
-
-
-def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None],
-                               marker: str) -> Path:
-    """Let ``write`` fill a temporary sibling folder, then move it to ``path`` in one rename.
-
-    An existing ``path`` is replaced only if it holds ``marker`` (i.e. it is an earlier folder
-    of the same kind), never an unrelated folder. On any error nothing is left behind and an
-    earlier folder at ``path`` is kept.
-    """
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and (path / marker).is_file()):
-        raise FileExistsError(f"{path} exists and is not a folder written by weatherpeft "
-                              f"(no {marker} inside): refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        write(temporary)
-        for item in temporary.iterdir():
-            with open(item, "rb") as stream:
-                os.fsync(stream.fileno())
-        if path.exists():
-            previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, previous)
-            try:
-                os.rename(temporary, path)
-            except BaseException:
-                os.rename(previous, path)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.rename(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return path
 
 
 def hash_weights(config: Mapping[str, Any],

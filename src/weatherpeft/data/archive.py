@@ -7,13 +7,13 @@ xarray decodes them to float32 transparently, so any WB2 reader opens them uncha
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numcodecs
 import numpy as np
 import xarray as xr
+
+from weatherpeft.atomic import atomic_directory
 
 #: CF units and long names of every variable the built-in world stores.
 VARIABLE_ATTRS = {
@@ -95,26 +95,9 @@ def write(ds: xr.Dataset, path: Path, pack: bool = True) -> Path:
     The store is written beside the target and renamed into place, so a crash never
     leaves a half-written store at ``path`` nor loses the previous one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        ds.to_zarr(tmp, mode="w", encoding=_encoding(ds, pack), consolidated=True, zarr_format=2)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists() and not path.exists():
-                os.replace(old, path)  # put the previous store back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half-written store
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    encoding = _encoding(ds, pack)
+    return atomic_directory(path, lambda temporary: ds.to_zarr(
+        temporary, mode="w", encoding=encoding, consolidated=True, zarr_format=2), marker=".zmetadata")
 
 
 def append(ds: xr.Dataset, path: Path) -> Path:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from weatherpeft.atomic import write_json
 
 MANIFEST_NAME = "manifest.json"
 #: Files beside the stores that the manifest does not hash (itself, the timing log).
@@ -24,24 +25,12 @@ def file_digests(root: Path) -> dict[str, dict]:
     return digests
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file, fsync it, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(root: Path, config: dict) -> Path:
     """Hash every store file under ``root`` and record the generating configuration."""
     files = file_digests(root)
     payload = {"config": config, "files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
     path = Path(root) / MANIFEST_NAME
-    write_json_atomic(path, payload)
+    write_json(path, payload)
     return path
 
 

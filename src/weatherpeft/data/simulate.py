@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
+from weatherpeft.atomic import write_json
 from weatherpeft.data import archive, manifest, realism
 from weatherpeft.data.stats import compute_stats
 from weatherpeft.data.wb2 import SampleSpec
@@ -456,7 +457,7 @@ def finalise(cfg: SimulationConfig, timings: dict | None = None) -> None:
               if k not in ("out", "pretraining_out")}
     manifest.write_manifest(out, config=config)
     if timings is not None:
-        manifest.write_json_atomic(out / "generation_log.json", {"timings_seconds": timings, "config": config})
+        write_json(out / "generation_log.json", {"timings_seconds": timings, "config": config})
 
 
 def write_data_card(out: Path) -> dict:
@@ -466,7 +467,7 @@ def write_data_card(out: Path) -> dict:
     ensemble_path = Path(out) / "ensemble.zarr"
     if ensemble_path.exists():
         card["ensemble"] = realism.ensemble_card(xr.open_zarr(ensemble_path).load(), downstream)
-    manifest.write_json_atomic(Path(out) / "data_card.json", card)
+    write_json(Path(out) / "data_card.json", card)
     return card
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from weatherpeft.atomic import write_json
 from weatherpeft.data.wb2 import (
     SOURCE_ATTR,
     SampleSpec,
@@ -91,21 +91,8 @@ class NormalisationStats:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self.to_dict(), stream, indent=1)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        """Write JSON atomically (temporary file, fsync, rename)."""
+        return write_json(path, self.to_dict(), sort_keys=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NormalisationStats:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from aurora import Batch, Metadata
 from aurora.normalisation import level_to_str
 from torch.utils.data import Dataset
 
+from weatherpeft.atomic import torch_save
 from weatherpeft.data.stats import NormalisationStats, compute_stats
 from weatherpeft.data.wb2 import (
     SOURCE_ATTR,
@@ -240,16 +240,7 @@ class Climatology:
         content = {"description": self._describe(), "fields": dict(self.fields),
                    "table": self.table, "counts": self.counts,
                    "levels": list(self.levels)}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(content, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        return torch_save(path, content)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Climatology:
