@@ -294,8 +294,9 @@ def _run_truth(cfg: SimulationConfig, on_downstream_state) -> dict:
         when = archive_start + dt.timedelta(hours=6 * step)
         physics_state = to_physics_state(model.dycore_state)
         snaps = predictions.snapshots
-        # snapshots are (frame, snapshot, lon, lat): one frame, one snapshot at its end
-        diagnostics = {wb2: np.asarray(snaps[key])[0, -1] for wb2, key in _NEAR_SURFACE.items()}
+        # one frame with one snapshot at its end; jcm returns it as (1, lon, lat)
+        diagnostics = {wb2: np.asarray(snaps[key]).reshape((-1,) + truth.grid.shape)[-1]
+                       for wb2, key in _NEAR_SURFACE.items()}
         precip = (np.asarray(predictions.physics["_condensation"].precls)
                   + np.asarray(predictions.physics["_convection"].precnv))[0]
         native = _native_fields(physics_state, diagnostics, precip, truth, all_levels)
