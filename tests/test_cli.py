@@ -72,3 +72,10 @@ def test_data_check_and_info_on_a_store(wb2_store, capsys):
 def test_data_check_reports_a_missing_path_as_an_error(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "missing.zarr")]) == 2
     assert "store not found" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_built_in_world(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "checksums verified" in out and "z_500" in out
+    assert "24 h forecast by aurora-tiny" in out

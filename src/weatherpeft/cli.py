@@ -135,10 +135,13 @@ def cmd_demo(args) -> int:
     dataset = wb2.WB2Dataset(builtin.store_path("downstream"), wb2.SampleSpec())
     inputs, target = wb2.collate_batches([dataset[0], dataset[len(dataset) // 2]])
     print(f"forecasting samples (2 inputs 6 h apart → +6 h): {len(dataset)}; a batch of 2:")
-    for key, value in {**inputs.surf_vars, **inputs.atmos_vars}.items():
-        location, scale = (stats.locations.get(key), stats.scales.get(key))
-        norm = f", normalised by ({location:.4g}, {scale:.3g})" if location is not None else ""
-        print(f"  {key:>4}: input {tuple(value.shape)}, target {tuple(target.surf_vars.get(key, target.atmos_vars.get(key)).shape)}{norm}")
+    levels = inputs.metadata.atmos_levels
+    for group, kind in ((inputs.surf_vars, "surf_vars"), (inputs.atmos_vars, "atmos_vars")):
+        for key, value in group.items():
+            keys = [key] if kind == "surf_vars" else [f"{key}_{int(level)}" for level in levels]
+            norm = ", ".join(f"{k} ({stats.locations[k]:.4g} ± {stats.scales[k]:.3g})" for k in keys)
+            print(f"  {key:>4}: input {tuple(value.shape)}, target {tuple(getattr(target, kind)[key].shape)}; "
+                  f"normalised by {norm}")
     card_path = root / "data_card.json"
     if card_path.is_file():
         world = json.loads(card_path.read_text())["downstream"]
@@ -166,7 +169,7 @@ def _demo_forecast(dataset) -> None:
     backbone = AuroraBackbone.from_checkpoint(checkpoint)
     inputs, _ = dataset[0]
     with torch.no_grad():
-        forecast = rollout(backbone, inputs, 4)[-1]
+        forecast = list(rollout(backbone, inputs, 4))[-1]
     truth, _ = dataset[4]  # its last input time is 24 h after the first sample's
     lat = inputs.metadata.lat
     print(f"24 h forecast by {checkpoint.name} from {inputs.metadata.time[0]:%Y-%m-%d %H:%M} "
