@@ -31,15 +31,12 @@ import xarray as xr
 
 from weatherpeft.atomic import write_json
 from weatherpeft.data.wb2 import (
-    SOURCE_ATTR,
     SampleSpec,
     StoreSelection,
-    canonicalise,
     check_finite,
-    open_store,
+    open_period,
     read_fields,
     read_static,
-    select,
     time_blocks,
 )
 
@@ -185,16 +182,8 @@ def compute_stats(source: str | os.PathLike | xr.Dataset, spec: SampleSpec, *,
     that evaluation years can never leak in. Reads block by block (float64 sums, shifted by
     the first block's mean for accuracy), so stores larger than memory are fine.
     """
-    if spec.start is None or spec.end is None:
-        raise ValueError("compute_stats needs SampleSpec.start and .end (the training period), "
-                         "so that statistics never include evaluation times")
-    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else \
-        open_store(source, spec.names)
-    name_of_source = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
-    selection = select(ds, spec)
+    ds, selection, name_of_source = open_period(source, spec, "compute_stats")
     positions = selection.positions
-    if positions.size == 0:
-        raise ValueError(f"no store times in {spec.start} – {spec.end} of {name_of_source}")
     weights = _latitude_weights(selection, latitude_weighted)
 
     locations: dict[str, float] = {}

@@ -33,6 +33,7 @@ __all__ = [
     "canonicalise",
     "check_finite",
     "collate_batches",
+    "open_period",
     "open_store",
     "read_fields",
     "read_static",
@@ -499,6 +500,25 @@ class StoreReport:
     last: datetime
     step: timedelta
     gaps: tuple[tuple[datetime, datetime], ...]
+
+
+def open_period(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
+                purpose: str) -> tuple[xr.Dataset, StoreSelection, str]:
+    """Open ``source`` and select ``spec``'s explicit [start, end] period for a statistic.
+
+    Returns (canonical dataset, selection, the source's name for messages). ``purpose``
+    names the caller in errors. Statistics of a training period need both ends given, so
+    that evaluation times can never leak in.
+    """
+    if spec.start is None or spec.end is None:
+        raise ValueError(f"{purpose} needs SampleSpec.start and .end (the training period), "
+                         "so that it never includes evaluation times")
+    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else open_store(source, spec.names)
+    name = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+    selection = select(ds, spec)
+    if selection.positions.size == 0:
+        raise ValueError(f"no store times in {spec.start} – {spec.end} of {name}")
+    return ds, selection, name
 
 
 def _to_datetime(value: np.datetime64) -> datetime:

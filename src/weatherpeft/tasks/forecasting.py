@@ -32,6 +32,7 @@ from weatherpeft.data.wb2 import (
     WB2Dataset,
     canonicalise,
     check_finite,
+    open_period,
     open_store,
     read_fields,
     select,
@@ -276,16 +277,8 @@ def compute_climatology(source: str | os.PathLike | xr.Dataset, spec: SampleSpec
     climatology of the training period never sees evaluation years. Reads block by block
     with float64 sums. See :class:`Climatology` for the fallbacks of empty slots.
     """
-    if spec.start is None or spec.end is None:
-        raise ValueError("compute_climatology needs SampleSpec.start and .end (the training "
-                         "period), so that it never includes evaluation times")
-    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else \
-        open_store(source, spec.names)
-    name_of_source = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
-    selection = select(ds, spec)
+    ds, selection, name_of_source = open_period(source, spec, "compute_climatology")
     positions = selection.positions
-    if positions.size == 0:
-        raise ValueError(f"no store times in {spec.start} – {spec.end} of {name_of_source}")
     stamps = pd.DatetimeIndex(selection.times[positions])
     slot_of_time = (stamps.month.to_numpy() - 1) * 24 + stamps.hour.to_numpy()
     slots, slot_index = np.unique(slot_of_time, return_inverse=True)
@@ -332,12 +325,7 @@ def tendency_scales(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
     is to beat persistence (as GraphCast normalises its residual targets): slowly changing
     fields such as temperature are no longer drowned by fast ones such as wind.
     """
-    if spec.start is None or spec.end is None:
-        raise ValueError("tendency_scales needs SampleSpec.start and .end (the training period)")
-    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else \
-        open_store(source, spec.names)
-    name_of_source = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
-    selection = select(ds, spec)
+    ds, selection, name_of_source = open_period(source, spec, "tendency_scales")
     weights = np.cos(np.deg2rad(selection.lat.astype(np.float64)))
     weights = weights / weights.mean()
     scales: dict[str, float] = {}
