@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from weatherpeft.metrics import latitude_weights
+
 DRY_THRESHOLD_MM_6H = 0.1
 
 
 def _weights(lat: xr.DataArray) -> xr.DataArray:
-    weights = np.cos(np.deg2rad(lat))
-    return weights / weights.mean()
+    return xr.DataArray(latitude_weights(lat.values).numpy(), coords=lat.coords)
 
 
 def _global_mean(field: xr.DataArray) -> float:

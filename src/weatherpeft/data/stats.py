@@ -30,6 +30,7 @@ import pandas as pd
 import xarray as xr
 
 from weatherpeft.atomic import write_json
+from weatherpeft.metrics import latitude_weights
 from weatherpeft.data.wb2 import (
     SampleSpec,
     StoreSelection,
@@ -158,8 +159,7 @@ def _latitude_weights(selection: StoreSelection, weighted: bool) -> np.ndarray:
     """Per-row weights (H,) with mean 1; rows follow the selection's (decreasing) latitude."""
     if not weighted:
         return np.ones(len(selection.lat))
-    weights = np.clip(np.cos(np.radians(selection.lat)), 0.0, None)
-    return weights / weights.mean()
+    return latitude_weights(selection.lat).numpy()
 
 
 def _finish(total: np.ndarray, squares: np.ndarray, count: float,

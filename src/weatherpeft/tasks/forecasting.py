@@ -326,8 +326,7 @@ def tendency_scales(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
     fields such as temperature are no longer drowned by fast ones such as wind.
     """
     ds, selection, name_of_source = open_period(source, spec, "tendency_scales")
-    weights = np.cos(np.deg2rad(selection.lat.astype(np.float64)))
-    weights = weights / weights.mean()
+    weights = latitude_weights(selection.lat).numpy()
     scales: dict[str, float] = {}
     for name, aurora_name in selection.dynamic.items():
         squares, count = None, 0
