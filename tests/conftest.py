@@ -135,3 +135,25 @@ def era5_netcdf(world_decoded, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("era5") / "era5.nc"
     ds.to_netcdf(path)
     return path
+
+
+# -- the shipped pretrained backbone and real batches from the built-in world --------------
+
+PRETRAINED_TINY = Path(__file__).resolve().parents[1] / "models" / "aurora-tiny"
+
+
+def load_pretrained_tiny(**kwargs):
+    """A fresh copy of the committed, pretrained aurora-tiny (its blocks are not the identity)."""
+    from weatherpeft.backbones.aurora import AuroraBackbone
+
+    return AuroraBackbone.from_checkpoint(PRETRAINED_TINY, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def builtin_batches():
+    """(input, target) of two real samples from the built-in downstream year: batch 2, 32 × 64."""
+    from weatherpeft.data.builtin import store_path
+    from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches
+
+    dataset = WB2Dataset(store_path("downstream"), SampleSpec(start="2003-03-01", end="2003-03-03"))
+    return collate_batches([dataset[0], dataset[1]])

@@ -138,9 +138,10 @@ class TrainerHook(Protocol):
     """What a method may plug into the loop; every member is optional (duck-typed).
 
     ``on_fit_start(trainer)``: once per :meth:`Trainer.fit`, after any resume.
-    ``on_before_optimizer_step(trainer, step)``: after backward (all micro-batches) and
-    gradient clipping, before ``optimizer.step()`` — gradients are final here and may be
-    masked. ``on_after_optimizer_step(trainer, step)``: after ``optimizer.step()`` and the
+    ``on_after_backward(trainer, step)``: after backward of all micro-batches, before
+    gradient clipping — full gradients, for selection methods to read and mask.
+    ``on_before_optimizer_step(trainer, step)``: after gradient clipping, before
+    ``optimizer.step()`` — gradients are final here. ``on_after_optimizer_step(trainer, step)``: after ``optimizer.step()`` and the
     scheduler. ``step`` is the 0-based index of this optimizer step (``trainer.step`` is the
     number of completed steps). ``state_dict()``/``load_state_dict()`` make the hook's state
     part of checkpoints; it must hold only tensors and plain Python values.
@@ -399,12 +400,12 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------
 
     def _parameters_with_grad(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]
-                if p.grad is not None]
+        """Every trainable parameter holding a gradient (also those a hook updates itself)."""
+        return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
 
     def _train_step(self, batches: Iterator[Any]) -> tuple[float, float]:
         cfg = self.config
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for _ in range(cfg.accumulation_steps):
             batch = move_to(next(batches), self.device)
@@ -415,6 +416,9 @@ class Trainer:
         loss_value = float(total) / cfg.accumulation_steps
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {self.step}")
+        for hook in self.hooks:
+            if hasattr(hook, "on_after_backward"):
+                hook.on_after_backward(self, self.step)
         grads = self._parameters_with_grad()
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)

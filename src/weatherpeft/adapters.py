@@ -1,0 +1,237 @@
+"""Adapter files: what a method trained, and nothing else, in safetensors + JSON.
+
+An adapter is a folder with two files:
+
+- ``adapter.safetensors``: ``added.<name>`` (parameters the method created: TADP generators,
+  LoRA matrices, prompts), ``dense.<name>`` (pretrained tensors trained whole),
+  ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices and trained values of
+  the entries a masked update changed — never dense tensors), ``head.<name>`` (task head);
+- ``adapter.json``: format, weatherpeft version, method, options, budget, parameter report,
+  the backbone's config and fingerprint, the variable set, the tensor inventory and the
+  sha256 of the tensor file.
+
+:func:`load_adapter` rebuilds the method on a fresh backbone (same options and budget, so the
+same modules) and writes the tensors in: outputs are reproduced exactly. It refuses a
+backbone whose fingerprint differs unless forced, and a file whose checksum, keys or shapes
+do not match. Nothing is ever unpickled. :func:`save_merged` writes a deployable model: the
+backbone with every sparse and dense change folded into its weights (its own checkpoint
+format) plus fixed prompt tokens where the method prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from weatherpeft.atomic import atomic_directory
+from weatherpeft.backbones.base import Backbone
+from weatherpeft.methods.base import Adaptation, apply_method
+
+__all__ = ["ADAPTER_FORMAT", "AdapterError", "adapter_info", "adapter_tensors", "load_adapter",
+           "read_adapter_config", "save_adapter"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "weatherpeft.adapter/1"
+CONFIG_FILE = "adapter.json"
+TENSOR_FILE = "adapter.safetensors"
+_ROLES = ("added", "dense", "sparse", "head")
+
+
+class AdapterError(ValueError):
+    """An adapter file is unreadable, corrupt, or does not fit the backbone it is loaded onto."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("weatherpeft")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_tensors(adaptation: Adaptation) -> dict[str, torch.Tensor]:
+    """Every tensor the adapter file holds, under its file key (CPU, contiguous copies)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value: torch.Tensor) -> None:
+        if key in tensors:
+            raise ValueError(f"two parts of method '{adaptation.method}' both store '{key}'")
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+
+    for name, parameter in adaptation.added_parameters().items():
+        put(f"added.{name}", parameter)
+    for name, parameter in adaptation.dense_parameters().items():
+        put(f"dense.{name}", parameter)
+    for update in adaptation.masked_updates:
+        for name, indices in update.moved_indices().items():
+            put(f"sparse.{name}.indices", indices)
+            put(f"sparse.{name}.values", update.parameters[name].detach().reshape(-1)[indices])
+    for name, parameter in adaptation.head_parameters().items():
+        put(f"head.{name}", parameter)
+    return tensors
+
+
+def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the adapter folder ``path`` atomically (a temporary folder, then a rename)."""
+    tensors = adapter_tensors(adaptation)
+    backbone = adaptation.backbone
+    config = {
+        "format": ADAPTER_FORMAT,
+        "weatherpeft_version": _version(),
+        "method": adaptation.method,
+        "options": adaptation.options,
+        "budget": adaptation.budget,
+        "report": adaptation.report().as_dict(),
+        "variables": list(getattr(backbone, "embedding_variables", ())),
+        "backbone": {"fingerprint": backbone.fingerprint(), "config": backbone.config},
+        "tensors": {key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                    for key, t in sorted(tensors.items())},
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        **dict(extra or {}),
+    }
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / TENSOR_FILE), metadata={"format": ADAPTER_FORMAT})
+        config["sha256"] = _sha256(folder / TENSOR_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+    return atomic_directory(path, write, marker=CONFIG_FILE)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The adapter's JSON record, checked for format (the tensor file is not read)."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{path} is not an adapter folder: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{config_path} is not a weatherpeft adapter (format {ADAPTER_FORMAT}, "
+                           f"found {config.get('format') if isinstance(config, dict) else type(config).__name__})")
+    return config
+
+
+def _read_tensors(path: Path, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    tensor_path = path / TENSOR_FILE
+    if not tensor_path.is_file():
+        raise AdapterError(f"{tensor_path} is missing")
+    if _sha256(tensor_path) != config.get("sha256"):
+        raise AdapterError(f"{tensor_path} does not match the checksum in {CONFIG_FILE}: the file "
+                           "is truncated, corrupt, or from another adapter")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"cannot read {tensor_path}: {error}") from error
+    inventory = config.get("tensors", {})
+    if set(tensors) != set(inventory):
+        raise AdapterError(f"{tensor_path} holds {sorted(set(tensors) ^ set(inventory))[:10]} "
+                           f"unlike its inventory in {CONFIG_FILE}")
+    return tensors
+
+
+def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """A summary of an adapter folder for people: method, budget, report, sizes, backbone."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    roles = {role: 0 for role in _ROLES}
+    for key, spec in config["tensors"].items():
+        role = key.split(".", 1)[0]
+        if not key.endswith(".indices"):
+            roles[role] = roles.get(role, 0) + int(torch.Size(spec["shape"]).numel())
+    return {
+        "path": str(path),
+        "method": config["method"],
+        "budget": config["budget"],
+        "options": config["options"],
+        "report": config["report"],
+        "entries_by_role": roles,
+        "file_bytes": (path / TENSOR_FILE).stat().st_size if (path / TENSOR_FILE).exists() else None,
+        "backbone_fingerprint": config["backbone"]["fingerprint"],
+        "backbone_preset": config["backbone"]["config"].get("preset"),
+        "variables": config["variables"],
+        "weatherpeft_version": config["weatherpeft_version"],
+    }
+
+
+def _split(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {role: {} for role in _ROLES}
+    for key, value in tensors.items():
+        role, _, name = key.partition(".")
+        if role not in parts or not name:
+            raise AdapterError(f"unknown tensor key '{key}' (roles: {list(_ROLES)})")
+        parts[role][name] = value
+    return parts
+
+
+def _assign(target: Mapping[str, torch.nn.Parameter], given: Mapping[str, torch.Tensor],
+            role: str) -> None:
+    missing, unknown = sorted(set(target) - set(given)), sorted(set(given) - set(target))
+    if missing or unknown:
+        raise AdapterError(f"{role} tensors do not match the rebuilt method: missing {missing[:10]}, "
+                           f"unknown {unknown[:10]}")
+    for name, value in given.items():
+        if tuple(value.shape) != tuple(target[name].shape):
+            raise AdapterError(f"{role} tensor '{name}' has shape {list(value.shape)}, the model "
+                               f"expects {list(target[name].shape)}")
+        target[name].data.copy_(value)
+
+
+def _assign_sparse(adaptation: Adaptation, given: Mapping[str, torch.Tensor]) -> None:
+    owners = {name: update for update in adaptation.masked_updates for name in update.parameters}
+    names = {key.rsplit(".", 1)[0] for key in given}
+    for name in sorted(names):
+        indices, values = given.get(f"{name}.indices"), given.get(f"{name}.values")
+        if name not in owners or indices is None or values is None:
+            raise AdapterError(f"sparse tensor '{name}' does not fit the rebuilt method (no masked "
+                               "update owns it, or its indices/values are missing)")
+        parameter = owners[name].parameters[name]
+        if indices.dtype != torch.int64 or indices.ndim != 1 or values.shape != indices.shape:
+            raise AdapterError(f"sparse tensor '{name}': indices must be 1-D int64 and values match them")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= parameter.numel()):
+            raise AdapterError(f"sparse tensor '{name}': indices outside its {parameter.numel()} entries")
+        parameter.data.view(-1)[indices.to(parameter.device)] = values.to(parameter.device, parameter.dtype)
+        owners[name].mark_moved(name, indices)
+
+
+def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = False) -> Adaptation:
+    """Rebuild the adapter's method on ``backbone`` and load its tensors (see module doc)."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    saved, current = config["backbone"]["fingerprint"], backbone.fingerprint()
+    if saved != current:
+        message = (f"{path} was trained on backbone {saved[:12]}… "
+                   f"({config['backbone']['config'].get('preset')}), this backbone is {current[:12]}…")
+        if not force:
+            raise AdapterError(message + ": refusing to load (force=True / --force overrides)")
+        log.warning("%s; loading anyway (forced)", message)
+    tensors = _read_tensors(path, config)
+    adaptation = apply_method(config["method"], backbone, config["budget"], config["options"])
+    parts = _split(tensors)
+    with torch.no_grad():
+        _assign(adaptation.added_parameters(), parts["added"], "added")
+        _assign(adaptation.dense_parameters(), parts["dense"], "dense")
+        _assign(adaptation.head_parameters(), parts["head"], "head")
+        _assign_sparse(adaptation, parts["sparse"])
+    return adaptation

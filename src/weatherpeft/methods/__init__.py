@@ -1,0 +1,9 @@
+"""Fine-tuning methods behind one contract (:mod:`weatherpeft.methods.base`); importing this
+package registers every built-in method."""
+
+from weatherpeft.methods import sfas  # noqa: F401  (registers "sfas")
+from weatherpeft.methods.base import (Adaptation, BudgetError, ParameterReport, apply_method,
+                                      get_method, method_names, register_method)
+
+__all__ = ["Adaptation", "BudgetError", "ParameterReport", "apply_method", "get_method",
+           "method_names", "register_method"]

@@ -1,0 +1,268 @@
+"""The Method contract: how a fine-tuning method turns a Backbone into a trainable model.
+
+A method is one registered function ``build(backbone, budget, options) -> Adaptation``. The
+:class:`Adaptation` is the backbone with the method's parts attached (a module whose
+``forward(batch)`` is the adapted model), plus what the Trainer needs (parameter groups,
+hooks) and what the adapter file needs (which tensors the method trained).
+
+Every parameter of an Adaptation has exactly one role, decided by identity:
+
+- *head*: the backbone's task-head parameters (new variables' embeddings and output heads),
+  trained by every method and counted apart, like a classifier head;
+- *dense*: pretrained parameters the method trains whole (full fine-tuning);
+- *masked*: pretrained parameters of which only selected entries move (SFAS, Child-Tuning),
+  updated by a :class:`~weatherpeft.methods.masked_update.MaskedUpdate` hook;
+- *added*: parameters the method created (TADP generators, LoRA matrices, prompts);
+- frozen: everything else.
+
+Budgets are fractions of the backbone's pretrained parameter count. :class:`ParameterReport`
+says what a method trains per step (``trainable``) and what its adapter file must hold
+(``stored``) — for SFAS the union of every entry that ever moved, not the per-step k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from aurora import Batch
+
+from weatherpeft.backbones.base import Backbone
+
+__all__ = [
+    "BUDGET_TOLERANCE",
+    "Adaptation",
+    "BudgetError",
+    "MethodSpec",
+    "ParameterReport",
+    "apply_method",
+    "budget_entries",
+    "get_method",
+    "match_names",
+    "method_names",
+    "register_method",
+]
+
+#: How far a method's size may land from its budget (relative) before it must say so.
+BUDGET_TOLERANCE = 0.10
+
+
+class BudgetError(ValueError):
+    """A method cannot reach the requested budget on this backbone (the message says what can)."""
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Honest parameter accounting of one adapted model (counts of scalar entries).
+
+    ``pretrained``: the backbone's pretrained parameter count, the budget's denominator.
+    ``trainable``: entries an optimizer step may change, task head excluded (for SFAS the
+    per-step k). ``stored``: entries the adapter file holds, task head excluded (for SFAS
+    the union of every entry that ever moved). ``head``: task-head parameters.
+    """
+
+    pretrained: int
+    trainable: int
+    stored: int
+    head: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / max(self.pretrained, 1)
+
+    @property
+    def stored_fraction(self) -> float:
+        return self.stored / max(self.pretrained, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "trainable_fraction": self.trainable_fraction,
+                "stored_fraction": self.stored_fraction}
+
+
+def budget_entries(backbone: Backbone, budget: float) -> int:
+    """Scalar entries a budget (fraction of pretrained parameters) allows on ``backbone``."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget is a fraction of the pretrained parameters in (0, 1], got {budget}")
+    total = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    return max(1, round(budget * total))
+
+
+def match_names(names: Iterable[str], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """Names matching any ``include`` regex (all when empty) and no ``exclude`` regex (re.search)."""
+    def hits(name: str, patterns: Sequence[str]) -> bool:
+        return any(re.search(pattern, name) for pattern in patterns)
+
+    return [n for n in names if (not include or hits(n, include)) and not hits(n, exclude)]
+
+
+class Adaptation(torch.nn.Module):
+    """A backbone with one method applied; ``forward(batch)`` is the adapted model.
+
+    Methods attach their modules under :attr:`parts` (or inside the backbone, as HF peft
+    does), declare dense and masked pretrained parameters, and add Trainer hooks. The
+    backbone's own parameters start frozen except for its task head.
+    """
+
+    def __init__(self, backbone: Backbone, method: str, budget: float,
+                 options: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.parts = torch.nn.ModuleDict()
+        self.method = method
+        self.budget = float(budget)
+        self.options = dict(options)
+        self.masked_updates: list[Any] = []
+        self.hooks: list[Any] = []
+        self.merge_steps: list[Callable[[Adaptation], None]] = []
+        self._dense_ids: set[int] = set()
+        self.pretrained_count = sum(p.numel() for p in backbone.pretrained_parameters().values())
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        for parameter in backbone.task_head_parameters().values():
+            parameter.requires_grad_(True)
+
+    def forward(self, batch: Batch) -> Batch:
+        return self.backbone(batch)
+
+    # -- declaring roles ------------------------------------------------------------------
+
+    def train_densely(self, names: Iterable[str]) -> None:
+        """Make these pretrained parameters (backbone names) trainable as whole tensors."""
+        pretrained = self.backbone.pretrained_parameters()
+        for name in names:
+            if name not in pretrained:
+                raise KeyError(f"'{name}' is not a pretrained parameter of the backbone")
+            pretrained[name].requires_grad_(True)
+            self._dense_ids.add(id(pretrained[name]))
+
+    def add_masked_update(self, update: Any) -> None:
+        """Register a MaskedUpdate: its parameters get gradients, only selected entries move."""
+        for parameter in update.parameters.values():
+            parameter.requires_grad_(True)
+        self.masked_updates.append(update)
+        self.hooks.append(update)
+
+    # -- roles ----------------------------------------------------------------------------
+
+    def _masked_ids(self) -> set[int]:
+        return {id(p) for update in self.masked_updates for p in update.parameters.values()}
+
+    def head_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Task-head parameters under backbone names."""
+        return self.backbone.task_head_parameters()
+
+    def dense_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Pretrained parameters trained whole, under backbone names."""
+        return {n: p for n, p in self.backbone.pretrained_parameters().items()
+                if id(p) in self._dense_ids}
+
+    def added_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters the method created, under names relative to this module."""
+        known = {id(p) for p in self.backbone.pretrained_parameters().values()}
+        known |= {id(p) for p in self.backbone.task_head_parameters().values()}
+        return {n: p for n, p in self.named_parameters() if id(p) not in known}
+
+    # -- what the Trainer needs -----------------------------------------------------------
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on ≥2-D tensors, none on vectors; masked parameters in their own
+        groups, which the MaskedUpdate hook reads (lr, betas, eps, weight decay) and updates
+        itself — AdamW never sees their gradients, so it keeps no dense state for them."""
+        masked = self._masked_ids()
+        dense = [p for p in self.parameters() if p.requires_grad and id(p) not in masked]
+        sparse = [p for update in self.masked_updates for p in update.parameters.values()]
+        candidates = (("decay", [p for p in dense if p.ndim >= 2], weight_decay),
+                      ("no_decay", [p for p in dense if p.ndim < 2], 0.0),
+                      ("masked_decay", [p for p in sparse if p.ndim >= 2], weight_decay),
+                      ("masked_no_decay", [p for p in sparse if p.ndim < 2], 0.0))
+        groups = [{"params": params, "weight_decay": decay, "name": name}
+                  for name, params, decay in candidates if params]
+        if not groups:
+            raise ValueError(f"method '{self.method}' left nothing trainable")
+        return groups
+
+    # -- accounting -----------------------------------------------------------------------
+
+    def report(self) -> ParameterReport:
+        """Trainable per step, stored in the adapter file, and task head (see ParameterReport)."""
+        added = sum(p.numel() for p in self.added_parameters().values())
+        dense = sum(p.numel() for p in self.dense_parameters().values())
+        per_step = sum(update.per_step_entries for update in self.masked_updates)
+        stored_masked = sum(update.stored_entries() for update in self.masked_updates)
+        head = sum(p.numel() for p in self.head_parameters().values())
+        return ParameterReport(pretrained=self.pretrained_count, trainable=added + dense + per_step,
+                               stored=added + dense + stored_masked, head=head)
+
+    def merge(self) -> None:
+        """Fold what can be folded into the backbone for deployment (method-specific steps)."""
+        for step in self.merge_steps:
+            step(self)
+
+
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, options dataclass, builder and a one-line summary."""
+
+    name: str
+    options: type
+    build: Callable[[Backbone, float, Any], Adaptation]
+    summary: str
+
+    def make_options(self, options: Mapping[str, Any] | None = None) -> Any:
+        """The options dataclass from a mapping; unknown names are an error that lists the known."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"method '{self.name}' has no option(s) {unknown}; "
+                             f"its options: {sorted(known)}")
+        return self.options(**options)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, options: type, summary: str) -> Callable:
+    """Decorator: register ``build(backbone, budget, options) -> Adaptation`` under ``name``."""
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options of method '{name}' must be a dataclass")
+
+    def decorate(build: Callable) -> Callable:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' is already registered")
+        _METHODS[name] = MethodSpec(name, options, build, summary)
+        return build
+
+    return decorate
+
+
+def _load_builtin_methods() -> None:
+    import weatherpeft.methods  # noqa: F401  (importing registers every built-in method)
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method '{name}'; known: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def apply_method(name: str, backbone: Backbone, budget: float,
+                 options: Mapping[str, Any] | None = None) -> Adaptation:
+    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters)."""
+    spec = get_method(name)
+    return spec.build(backbone, float(budget), spec.make_options(options))

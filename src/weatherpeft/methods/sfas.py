@@ -1,0 +1,235 @@
+"""Stochastic Fisher-guided Adaptive Selection (SFAS): train a refreshed top-k of the weights.
+
+Every ``refresh_every`` steps (R; R = 1 is the paper's setting):
+
+1. Fisher: F = Σ g² of the task loss over the steps since the last refresh (the diagonal
+   empirical Fisher, up to a constant; with R = 1, this step's squared gradient).
+2. Scores: F̃ = F / max(F) + γ·(1 − n/t)·U(0, 1) (``noise="additive"``, our reading of the
+   paper), or F/max(F)·(1 + γ·(1 − n/t)·U) (``"multiplicative"``), with n/t = (step + 1) /
+   total steps: early refreshes explore, the last one is pure Fisher.
+3. Selection: the global top-k of F̃ over every selectable entry, found with
+   :func:`~weatherpeft.methods.selection.select_top_k` in a few O(N) passes (no sort of all
+   entries, no concatenated copy); the noise is regenerated per block from a seeded
+   generator instead of being stored.
+4. Update: :class:`~weatherpeft.methods.masked_update.MaskedUpdate` — only selected entries
+   move, with no weight decay or momentum anywhere else.
+
+``budget_mode="union"`` (the paper): each refresh selects k entries anywhere; the entries
+that ever moved (the adapter file's content) can exceed k and are reported. ``"strict"``:
+the union is capped at the SFAS budget; each refresh selects ``step_fraction`` of it, new
+entries only while the cap has room, then within the union — the exact best selection
+under the cap (top-c outside the union plus top-(k−c) inside, c = room left).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from weatherpeft.backbones.base import Backbone
+from weatherpeft.methods.base import Adaptation, budget_entries, match_names, register_method
+from weatherpeft.methods.masked_update import MaskedUpdate
+from weatherpeft.methods.selection import select_top_k
+
+__all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "selectable_parameters"]
+
+NOISE_FORMS = ("additive", "multiplicative")
+BUDGET_MODES = ("union", "strict")
+
+
+@dataclass
+class SFASConfig:
+    """SFAS options. ``gamma``: initial noise coefficient γ; ``refresh_every``: R steps;
+    ``noise``: additive | multiplicative; ``budget_mode``: union | strict (see module doc);
+    ``step_fraction``: per-refresh k as a fraction of the SFAS entries (default 1 in union
+    mode, 0.5 in strict mode, where 1 would freeze the first selection); ``include`` /
+    ``exclude``: regexes on pretrained parameter names (default: every pretrained entry,
+    encoder and decoder included); ``seed``: of the noise."""
+
+    gamma: float = 0.2
+    refresh_every: int = 1
+    noise: str = "additive"
+    budget_mode: str = "union"
+    step_fraction: float | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"SFAS gamma must not be negative, got {self.gamma}")
+        if self.refresh_every < 1:
+            raise ValueError(f"SFAS refresh_every must be at least 1, got {self.refresh_every}")
+        if self.noise not in NOISE_FORMS:
+            raise ValueError(f"SFAS noise must be one of {NOISE_FORMS}, got {self.noise!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"SFAS budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if self.step_fraction is None:
+            self.step_fraction = 1.0 if self.budget_mode == "union" else 0.5
+        if not 0.0 < self.step_fraction <= 1.0:
+            raise ValueError(f"SFAS step_fraction must be in (0, 1], got {self.step_fraction}")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+
+def _generator(device: torch.device, *entropy: int) -> torch.Generator:
+    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class FisherSelection(MaskedUpdate):
+    """The SFAS trainer hook: Fisher accumulation, annealed noise, global top-k, masked update.
+
+    ``entries``: the SFAS budget in entries — k per refresh in union mode, the cap on the
+    union in strict mode (k = step_fraction × entries per refresh).
+    """
+
+    def __init__(self, parameters: Mapping[str, torch.nn.Parameter], entries: int,
+                 config: SFASConfig) -> None:
+        self.config = config
+        self.cap = int(entries) if config.budget_mode == "strict" else None
+        super().__init__(parameters, max(1, round(entries * config.step_fraction)))
+        self.total_steps: int | None = None
+        self._fisher: dict[str, torch.Tensor] = {}
+        self._since_refresh = 0
+
+    # -- Fisher ---------------------------------------------------------------------------
+
+    def _squared_gradient(self, name: str) -> torch.Tensor | None:
+        grad = self.parameters[name].grad
+        return None if grad is None else grad.detach().float().square()
+
+    def _accumulate(self) -> None:
+        for name, parameter in self.parameters.items():
+            if parameter.grad is None:
+                continue
+            if name not in self._fisher:
+                self._fisher[name] = torch.zeros_like(parameter, dtype=torch.float32)
+            self._fisher[name].addcmul_(parameter.grad, parameter.grad)
+        self._since_refresh += 1
+
+    def noise_scale(self, step: int) -> float:
+        """γ·(1 − n/t) with n/t = (step + 1)/total: zero at the last step."""
+        if self.total_steps is None:
+            raise RuntimeError("SFAS needs the total number of steps (set by on_fit_start)")
+        return self.config.gamma * max(0.0, 1.0 - (step + 1) / self.total_steps)
+
+    # -- selection ------------------------------------------------------------------------
+
+    def refresh(self, fisher: Callable[[str], torch.Tensor | None], peak: float, step: int) -> None:
+        """Select at ``step`` from Fisher scores: ``fisher(name)`` gives a tensor (None = no
+        gradient), computed on demand so that only one block's scores exist at a time;
+        ``peak`` is their maximum."""
+        names = list(self.parameters)
+        sizes = [self.parameters[n].numel() for n in names]
+        inverse_peak = 1.0 / peak if peak > 0 else 0.0
+        scale = self.noise_scale(step)
+        seed = self.config.seed
+        multiplicative = self.config.noise == "multiplicative"
+
+        def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
+            parameter = self.parameters[names[i]]
+            values = fisher(names[i])
+            values = torch.zeros(parameter.numel(), device=parameter.device) if values is None \
+                else values.reshape(-1).float() * inverse_peak
+            if subset is not None:
+                values = values[subset]
+            if scale > 0:
+                noise = torch.rand(values.numel(), generator=_generator(
+                    parameter.device, seed, step, i, 0 if subset is None else 1),
+                    device=parameter.device)
+                if multiplicative:
+                    values = values * noise.mul_(scale).add_(1.0)
+                else:
+                    values = values.add_(noise, alpha=scale)
+            return values
+
+        k = self.per_step_entries
+        if self.cap is None:
+            chosen = select_top_k(scores, sizes, k)
+        else:
+            chosen = self._strict_selection(scores, names, sizes, k)
+        self.set_selection(dict(zip(names, chosen)))
+
+    def _strict_selection(self, scores: Callable, names: list[str], sizes: list[int],
+                          k: int) -> list[torch.Tensor]:
+        """Best k under the cap: top-c outside the union plus top-(k − c) inside it."""
+        room = self.cap - self.stored_entries()
+        if room >= k:
+            return select_top_k(scores, sizes, k)
+        moved = [self.moved_mask(n) for n in names]
+        if room > 0:
+            unconstrained = select_top_k(scores, sizes, k)
+            outside = sum(int((~mask[idx]).sum()) for mask, idx in zip(moved, unconstrained))
+            if outside <= room:
+                return unconstrained
+            minus_inf = float("-inf")
+            new = select_top_k(lambda i: scores(i).masked_fill_(moved[i], minus_inf), sizes, room)
+            old = select_top_k(lambda i: scores(i).masked_fill_(~moved[i], minus_inf), sizes,
+                               k - room)
+            return [torch.cat([a, b]) for a, b in zip(new, old)]
+        # Saturated: only the union can be chosen; score just its entries.
+        inside = [torch.nonzero(mask).reshape(-1) for mask in moved]
+        chosen = select_top_k(lambda i: scores(i, inside[i]), [len(x) for x in inside], k)
+        return [within[picked] for within, picked in zip(inside, chosen)]
+
+    def update_selection(self, trainer: Any, step: int) -> None:
+        refresh_now = step % self.config.refresh_every == 0 or not self.selection
+        if self.config.refresh_every == 1:
+            if refresh_now:
+                peak = max((float(torch.linalg.vector_norm(p.grad.detach(), float("inf"))) ** 2 for p in self.parameters.values()
+                            if p.grad is not None and p.numel()), default=0.0)
+                self.refresh(self._squared_gradient, peak, step)
+            return
+        self._accumulate()
+        if refresh_now:
+            peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
+            self.refresh(self._fisher.get, peak, step)
+            for accumulated in self._fisher.values():
+                accumulated.zero_()
+            self._since_refresh = 0
+
+    # -- trainer hooks --------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.total_steps = int(trainer.config.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fisher": dict(self._fisher),
+                "since_refresh": self._since_refresh}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._fisher = {k: v.to(self.parameters[k].device) for k, v in state["fisher"].items()}
+        self._since_refresh = int(state["since_refresh"])
+
+
+def selectable_parameters(backbone: Backbone, include: tuple[str, ...] = (),
+                          exclude: tuple[str, ...] = ()) -> dict[str, torch.nn.Parameter]:
+    """Pretrained parameters SFAS may select from (name regexes; default every one)."""
+    pretrained = backbone.pretrained_parameters()
+    names = match_names(pretrained, include, exclude)
+    if not names:
+        raise ValueError(f"no pretrained parameter matches include={list(include)} "
+                         f"exclude={list(exclude)}")
+    return {name: pretrained[name] for name in names}
+
+
+def attach_sfas(adaptation: Adaptation, entries: int, config: SFASConfig) -> FisherSelection:
+    """Add an SFAS masked update of ``entries`` (see FisherSelection) to ``adaptation``."""
+    parameters = selectable_parameters(adaptation.backbone, config.include, config.exclude)
+    selection = FisherSelection(parameters, entries, config)
+    adaptation.add_masked_update(selection)
+    return selection
+
+
+@register_method("sfas", SFASConfig, "SFAS alone: annealed Fisher top-k of the pretrained "
+                                     "weights, refreshed every R steps (paper ablation)")
+def apply_sfas(backbone: Backbone, budget: float, config: SFASConfig) -> Adaptation:
+    adaptation = Adaptation(backbone, "sfas", budget, dataclasses.asdict(config))
+    attach_sfas(adaptation, budget_entries(backbone, budget), config)
+    return adaptation

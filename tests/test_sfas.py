@@ -1,0 +1,191 @@
+"""SFAS and masked updates: only selected entries move, honest counts, the noise term is real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_pretrained_tiny
+from weatherpeft.methods.base import apply_method, budget_entries
+from weatherpeft.methods.masked_update import MaskedUpdate
+from weatherpeft.methods.sfas import FisherSelection, SFASConfig
+from weatherpeft.tasks.forecasting import ForecastingTask
+from weatherpeft.train import TrainConfig, Trainer
+
+PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
+           "test": ("2003-03-07", "2003-03-09")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task():
+    from weatherpeft.data.builtin import store_path
+
+    return ForecastingTask(store_path("downstream"), PERIODS, load_pretrained_tiny().stats,
+                           lead_steps=(1,))
+
+
+def fine_tune(task, tmp_path, method="sfas", budget=0.003, steps=4, **options):
+    backbone = load_pretrained_tiny()
+    before = {n: p.detach().clone() for n, p in backbone.pretrained_parameters().items()}
+    adaptation = apply_method(method, backbone, budget, options)
+    config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, log_every=0, progress=False,
+                         out_dir=str(tmp_path / "run"), grad_clip=1.0)
+    trainer = Trainer(adaptation, task, config, hooks=adaptation.hooks,
+                      param_groups=adaptation.param_groups(config.weight_decay))
+    trainer.fit()
+    return adaptation, before, trainer
+
+
+def changed_entries(adaptation, before) -> dict[str, torch.Tensor]:
+    after = adaptation.backbone.pretrained_parameters()
+    return {n: torch.nonzero(after[n].detach().reshape(-1) != before[n].reshape(-1)).reshape(-1)
+            for n in before}
+
+
+def test_only_selected_entries_move_and_stored_counts_them(task, tmp_path):
+    adaptation, before, trainer = fine_tune(task, tmp_path)
+    (selection,) = adaptation.masked_updates
+    changed = changed_entries(adaptation, before)
+    n_changed = sum(len(v) for v in changed.values())
+    report = adaptation.report()
+    assert n_changed > 0
+    assert report.stored == n_changed
+    moved = selection.moved_indices()
+    for name, indices in changed.items():
+        expected = moved.get(name, torch.empty(0, dtype=torch.long))
+        assert torch.equal(indices, expected), name
+    k = budget_entries(adaptation.backbone, 0.003)
+    assert report.trainable == k
+    assert selection.selected_entries() == k
+    # no dense optimizer state for the backbone: AdamW never saw a pretrained gradient
+    pretrained_ids = {id(p) for p in adaptation.backbone.pretrained_parameters().values()}
+    assert not any(id(p) in pretrained_ids for p in trainer.optimizer.state)
+
+
+def test_strict_mode_keeps_the_union_within_the_budget(task, tmp_path):
+    adaptation, before, _ = fine_tune(task, tmp_path, budget_mode="strict", steps=5)
+    cap = budget_entries(adaptation.backbone, 0.003)
+    n_changed = sum(len(v) for v in changed_entries(adaptation, before).values())
+    assert 0 < n_changed <= cap
+    assert adaptation.report().stored == n_changed
+
+
+def test_union_mode_grows_beyond_k_under_noise(task, tmp_path):
+    adaptation, before, _ = fine_tune(task, tmp_path, gamma=0.5, steps=4)
+    k = budget_entries(adaptation.backbone, 0.003)
+    assert adaptation.report().stored > k
+
+
+def make_selection(parameters, entries, total_steps, **options) -> FisherSelection:
+    selection = FisherSelection(parameters, entries, SFASConfig(**options))
+    selection.total_steps = total_steps
+    return selection
+
+
+def heavy_tailed_gradients(seed=0) -> dict[str, torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    parameters = {}
+    for index, shape in enumerate([(64, 32), (128,), (16, 16, 4)]):
+        parameter = torch.nn.Parameter(torch.zeros(shape))
+        parameter.grad = torch.randn(shape, generator=generator) ** 3
+        parameters[f"p{index}"] = parameter
+    return parameters
+
+
+def selected(selection) -> set[tuple[str, int]]:
+    return {(n, int(i)) for n, idx in selection.selection.items() for i in idx}
+
+
+def fisher_top_k(parameters, k) -> set[tuple[str, int]]:
+    flat = [(float(p.grad.reshape(-1)[i] ** 2), n, i) for n, p in parameters.items()
+            for i in range(p.numel())]
+    flat.sort(key=lambda item: -item[0])
+    return {(n, i) for _, n, i in flat[:k]}
+
+
+def test_gamma_zero_selects_the_fisher_top_k():
+    parameters = heavy_tailed_gradients()
+    selection = make_selection(parameters, 50, total_steps=10, gamma=0.0)
+    selection.update_selection(None, 0)
+    assert selected(selection) == fisher_top_k(parameters, 50)
+
+
+def test_noise_changes_the_selection_early_and_not_at_the_last_step():
+    parameters = heavy_tailed_gradients()
+    truth = fisher_top_k(parameters, 50)
+    selection = make_selection(parameters, 50, total_steps=10, gamma=0.2)
+    selection.update_selection(None, 0)
+    early = selected(selection)
+    assert len(early ^ truth) > 10  # exploration: many picks differ from pure Fisher
+    selection.update_selection(None, 9)
+    assert selected(selection) == truth  # the last step: γ·(1 − n/t) = 0
+
+
+def test_multiplicative_noise_is_an_option():
+    parameters = heavy_tailed_gradients()
+    selection = make_selection(parameters, 50, total_steps=10, gamma=0.5, noise="multiplicative")
+    selection.update_selection(None, 0)
+    assert len(selected(selection)) == 50
+
+
+def test_refresh_every_r_accumulates_fisher_between_refreshes():
+    parameters = heavy_tailed_gradients()
+    selection = make_selection(parameters, 20, total_steps=100, gamma=0.0, refresh_every=3)
+    selection.update_selection(None, 0)
+    first = selected(selection)
+    accumulated = {n: torch.zeros_like(p) for n, p in parameters.items()}
+    generator = torch.Generator().manual_seed(7)
+    for step in (1, 2, 3):
+        for name, parameter in parameters.items():
+            parameter.grad = torch.randn(parameter.shape, generator=generator)
+            accumulated[name] += parameter.grad.square()
+        selection.update_selection(None, step)
+        if step < 3:
+            assert selected(selection) == first  # held between refreshes
+    ranked = sorted(((float(v), n, i) for n, s in accumulated.items()
+                     for i, v in enumerate(s.reshape(-1))), key=lambda item: -item[0])
+    assert selected(selection) == {(n, i) for _, n, i in ranked[:20]}
+
+
+def test_masked_adamw_matches_torch_adamw_on_a_full_selection():
+    torch.manual_seed(0)
+    weights = torch.randn(6, 5)
+    ours = torch.nn.Parameter(weights.clone())
+    reference = torch.nn.Parameter(weights.clone())
+    update = MaskedUpdate({"w": ours}, 30)
+    update.set_selection({"w": torch.arange(30)})
+    optimizer = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
+    group = {**optimizer.param_groups[0]}
+    for step in range(5):
+        grad = torch.randn(6, 5)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        update._adamw("w", ours, group)
+        optimizer.step()
+        torch.testing.assert_close(ours.data, reference.data, rtol=1e-6, atol=1e-6)
+
+
+def test_state_is_kept_for_staying_entries_and_dropped_for_leaving_ones():
+    parameter = torch.nn.Parameter(torch.zeros(10))
+    update = MaskedUpdate({"w": parameter}, 3)
+    update.set_selection({"w": torch.tensor([1, 4, 7])})
+    update._exp_avg["w"] += torch.tensor([1.0, 4.0, 7.0])
+    update._steps["w"] += 2
+    update.set_selection({"w": torch.tensor([7, 2, 4])})
+    assert update.selection["w"].tolist() == [2, 4, 7]
+    assert update._exp_avg["w"].tolist() == [0.0, 4.0, 7.0]
+    assert update._steps["w"].tolist() == [0.0, 2.0, 2.0]
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="budget_mode"):
+        SFASConfig(budget_mode="sometimes")
+    with pytest.raises(ValueError, match="no option"):
+        apply_method("sfas", load_pretrained_tiny(), 0.003, {"gama": 0.1})
