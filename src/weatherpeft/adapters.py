@@ -4,8 +4,8 @@ An adapter is a folder with two files:
 
 - ``adapter.safetensors``: ``added.<name>`` (parameters the method created: TADP generators,
   LoRA matrices, prompts), ``dense.<name>`` (pretrained tensors trained whole),
-  ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices and trained values of
-  the entries a masked update changed — never dense tensors), ``head.<name>`` (task head);
+  ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices, int32 where they fit,
+  and trained values of the entries a masked update changed — never dense tensors), ``head.<name>`` (task head);
 - ``adapter.json``: format, weatherpeft version, method, options, budget, parameter report,
   the backbone's config and fingerprint, the variable set, the tensor inventory and the
   sha256 of the tensor file.
@@ -33,18 +33,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from aurora import Batch
+
 from weatherpeft.atomic import atomic_directory
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import Adaptation, apply_method
+from weatherpeft.methods.prompts import PromptInjector
 
-__all__ = ["ADAPTER_FORMAT", "AdapterError", "adapter_info", "adapter_tensors", "load_adapter",
-           "read_adapter_config", "save_adapter"]
+__all__ = ["ADAPTER_FORMAT", "AdapterError", "DeployedModel", "adapter_info", "adapter_tensors",
+           "load_adapter", "load_merged", "read_adapter_config", "save_adapter", "save_merged"]
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "weatherpeft.adapter/1"
 CONFIG_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
+MERGED_FORMAT = "weatherpeft.merged/1"
+MERGED_FILE = "merged.json"
+PROMPTS_FILE = "prompts.safetensors"
 _ROLES = ("added", "dense", "sparse", "head")
 
 
@@ -82,7 +88,8 @@ def adapter_tensors(adaptation: Adaptation) -> dict[str, torch.Tensor]:
         put(f"dense.{name}", parameter)
     for update in adaptation.masked_updates:
         for name, indices in update.moved_indices().items():
-            put(f"sparse.{name}.indices", indices)
+            narrow = update.parameters[name].numel() <= torch.iinfo(torch.int32).max
+            put(f"sparse.{name}.indices", indices.to(torch.int32) if narrow else indices)
             put(f"sparse.{name}.values", update.parameters[name].detach().reshape(-1)[indices])
     for name, parameter in adaptation.head_parameters().items():
         put(f"head.{name}", parameter)
@@ -100,6 +107,7 @@ def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
         "method": adaptation.method,
         "options": adaptation.options,
         "budget": adaptation.budget,
+        "resolved": adaptation.resolved,
         "report": adaptation.report().as_dict(),
         "variables": list(getattr(backbone, "embedding_variables", ())),
         "backbone": {"fingerprint": backbone.fingerprint(), "config": backbone.config},
@@ -207,8 +215,11 @@ def _assign_sparse(adaptation: Adaptation, given: Mapping[str, torch.Tensor]) ->
             raise AdapterError(f"sparse tensor '{name}' does not fit the rebuilt method (no masked "
                                "update owns it, or its indices/values are missing)")
         parameter = owners[name].parameters[name]
-        if indices.dtype != torch.int64 or indices.ndim != 1 or values.shape != indices.shape:
-            raise AdapterError(f"sparse tensor '{name}': indices must be 1-D int64 and values match them")
+        if indices.dtype not in (torch.int32, torch.int64) or indices.ndim != 1 \
+                or values.shape != indices.shape:
+            raise AdapterError(f"sparse tensor '{name}': indices must be 1-D int32/int64 and "
+                               "values match them")
+        indices = indices.long()
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= parameter.numel()):
             raise AdapterError(f"sparse tensor '{name}': indices outside its {parameter.numel()} entries")
         parameter.data.view(-1)[indices.to(parameter.device)] = values.to(parameter.device, parameter.dtype)
@@ -234,4 +245,75 @@ def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = Fals
         _assign(adaptation.dense_parameters(), parts["dense"], "dense")
         _assign(adaptation.head_parameters(), parts["head"], "head")
         _assign_sparse(adaptation, parts["sparse"])
+    adaptation.invalidate_prompts()
     return adaptation
+
+
+# --------------------------------------------------------------------------------------
+# Merged models for deployment
+# --------------------------------------------------------------------------------------
+
+
+def save_merged(adaptation: Adaptation, path: str | os.PathLike) -> Path:
+    """Write a deployable model: ``backbone/`` (the backbone's checkpoint with every trained
+    weight folded in), ``prompts.safetensors`` (each site's fixed prompts, if the method
+    prompts) and ``merged.json``. Outputs equal the adaptation's in eval mode."""
+    adaptation.eval()
+    tokens = adaptation.prompt_tokens()
+    adaptation.merge()
+    prompts = {f"{site}#{i}": t.to("cpu").contiguous() for site, ts in tokens.items()
+               for i, t in enumerate(ts)}
+    record = {"format": MERGED_FORMAT, "weatherpeft_version": _version(),
+              "method": adaptation.method, "budget": adaptation.budget,
+              "options": adaptation.options, "resolved": adaptation.resolved,
+              "report": adaptation.report().as_dict(),
+              "base_fingerprint": adaptation.backbone.fingerprint(),
+              "prompt_layers": max((len(ts) for ts in tokens.values()), default=0)}
+
+    def write(folder: Path) -> None:
+        adaptation.backbone.save_checkpoint(folder / "backbone")
+        if prompts:
+            save_file(prompts, str(folder / PROMPTS_FILE), metadata={"format": MERGED_FORMAT})
+        (folder / MERGED_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    return atomic_directory(path, write, marker=MERGED_FILE)
+
+
+class DeployedModel(torch.nn.Module):
+    """A merged model: the backbone, with fixed prompts prepended where the method prompted."""
+
+    def __init__(self, backbone: Backbone, prompts: Mapping[str, list[torch.Tensor]]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        layers = max((len(ts) for ts in prompts.values()), default=0)
+        self.injectors = []
+        for layer in range(layers):
+            fixed = {site: ts[layer] for site, ts in prompts.items() if len(ts) > layer}
+            self.injectors.append(PromptInjector(backbone, lambda fixed=fixed: fixed).attach())
+
+    def forward(self, batch: Batch) -> Batch:
+        return self.backbone(batch)
+
+
+def load_merged(path: str | os.PathLike) -> DeployedModel:
+    """Load a folder written by :func:`save_merged`."""
+    from weatherpeft.backbones import load_backbone
+
+    path = Path(path)
+    record_path = path / MERGED_FILE
+    if not record_path.is_file():
+        raise AdapterError(f"{path} is not a merged model folder: {MERGED_FILE} is missing")
+    record = json.loads(record_path.read_text())
+    if record.get("format") != MERGED_FORMAT:
+        raise AdapterError(f"{record_path} is not a weatherpeft merged model ({MERGED_FORMAT})")
+    backbone = load_backbone(path / "backbone")
+    prompts: dict[str, list[torch.Tensor]] = {}
+    if (path / PROMPTS_FILE).is_file():
+        try:
+            flat = load_file(str(path / PROMPTS_FILE))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise AdapterError(f"cannot read {path / PROMPTS_FILE}: {error}") from error
+        for key in sorted(flat, key=lambda k: (k.rsplit("#", 1)[0], int(k.rsplit("#", 1)[1]))):
+            prompts.setdefault(key.rsplit("#", 1)[0], []).append(flat[key])
+    backbone.eval()
+    return DeployedModel(backbone, prompts)

@@ -1,4 +1,5 @@
-"""The ``weatherpeft`` command line: ``data generate|check|info|card``, ``pretrain``, ``evaluate``, ``demo``."""
+"""The ``weatherpeft`` command line: ``data generate|check|info|card``, ``pretrain``, ``evaluate``,
+``finetune``, ``adapter info|merge``, ``methods``, ``demo``."""
 
 from __future__ import annotations
 
@@ -317,6 +318,50 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from weatherpeft.finetune import FinetuneConfig, run_finetune
+    from weatherpeft.train import TrainConfig
+
+    finetune_keys = tuple(f.name for f in fields(FinetuneConfig))
+    train_keys = tuple(f.name for f in fields(TrainConfig))
+    cfg = build_config(FinetuneConfig, args, shared_keys=train_keys)
+    train_cfg = build_config(TrainConfig, args, shared_keys=finetune_keys)
+    result = run_finetune(cfg, train_cfg, resume=args.resume)
+    print(json.dumps({k: result[k] for k in ("report", "adapter_bytes", "fit_seconds", "val_loss", "test")
+                      if k in result}, indent=1))
+    print(f"adapter saved to {Path(train_cfg.out_dir) / 'adapter'}")
+    return 0
+
+
+def cmd_adapter_info(args) -> int:
+    from weatherpeft.adapters import adapter_info
+
+    print(json.dumps(adapter_info(args.path), indent=1))
+    return 0
+
+
+def cmd_adapter_merge(args) -> int:
+    from weatherpeft.adapters import load_adapter, save_merged
+    from weatherpeft.backbones import load_backbone
+
+    adaptation = load_adapter(args.path, load_backbone(args.backbone), force=args.force)
+    out = save_merged(adaptation, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from weatherpeft.methods.base import describe_methods
+
+    rows = describe_methods(args.backbone, args.budget)
+    for row in rows:
+        size = (f"trains {row['trainable']:,} entries per step ({row['trainable_fraction']:.3%})"
+                if "trainable" in row else f"cannot: {row['error']}")
+        print(f"{row['name']:<14} {row['summary']}\n{'':<14} at budget {args.budget}: {size}")
+        print(f"{'':<14} options: {row['options']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from weatherpeft.data.simulate import SimulationConfig
 
@@ -355,6 +400,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="forecast skill of a checkpoint vs persistence and climatology")
     add_dataclass_arguments(evaluate, EvaluateConfig)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from weatherpeft.finetune import FinetuneConfig
+
+    finetune = commands.add_parser("finetune", help="fine-tune a backbone on a task with a method at a budget")
+    add_dataclass_arguments(finetune, FinetuneConfig)
+    add_dataclass_arguments(finetune, TrainConfig, with_config_flag=False)
+    finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
+    finetune.set_defaults(func=cmd_finetune)
+
+    adapter = commands.add_parser("adapter", help="inspect or merge an adapter folder")
+    adapter_commands = adapter.add_subparsers(dest="adapter_command", required=True)
+    info = adapter_commands.add_parser("info", help="method, budget, parameter report, sizes, backbone")
+    info.add_argument("path", type=Path)
+    info.set_defaults(func=cmd_adapter_info)
+    merge = adapter_commands.add_parser("merge", help="fold an adapter into its backbone for deployment")
+    merge.add_argument("path", type=Path, help="adapter folder")
+    merge.add_argument("--backbone", default="models/aurora-tiny", help="the backbone checkpoint it was trained on")
+    merge.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    merge.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
+    merge.set_defaults(func=cmd_adapter_merge)
+
+    methods = commands.add_parser("methods", help="list methods, their options and size at a budget")
+    methods.add_argument("--backbone", default="models/aurora-tiny")
+    methods.add_argument("--budget", type=float, default=0.003)
+    methods.set_defaults(func=cmd_methods)
 
     demo = commands.add_parser("demo", help="load the built-in world and print a summary")
     demo.set_defaults(func=cmd_demo)

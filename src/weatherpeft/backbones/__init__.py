@@ -1,7 +1,24 @@
 """Weather foundation models behind one contract (:class:`Backbone`): Aurora, later Prithvi-WxC."""
 
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
 from weatherpeft.backbones.aurora import AURORA_PRESETS, ERA5_LEVELS, AuroraBackbone, AuroraPreset
 from weatherpeft.backbones.base import Backbone, LoadReport
 
 __all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "AuroraBackbone", "AuroraPreset", "Backbone",
-           "LoadReport"]
+           "LoadReport", "load_backbone"]
+
+
+def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
+    """Load a backbone checkpoint folder written by weatherpeft, whichever model it holds."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a backbone checkpoint folder (no config.json)")
+    kind = json.loads(config_path.read_text()).get("preset", "")
+    if kind in AURORA_PRESETS:
+        return AuroraBackbone.from_checkpoint(path, **kwargs)
+    raise ValueError(f"{config_path}: unknown backbone preset {kind!r}; known: {sorted(AURORA_PRESETS)}")

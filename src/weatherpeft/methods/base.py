@@ -118,6 +118,10 @@ class Adaptation(torch.nn.Module):
         self.masked_updates: list[Any] = []
         self.hooks: list[Any] = []
         self.merge_steps: list[Callable[[Adaptation], None]] = []
+        #: What sizing chose (prompt length, split, ...): recorded, never read back as options.
+        self.resolved: dict[str, Any] = {}
+        self._prompt_sources: list[Callable[[], Mapping[str, torch.Tensor]]] = []
+        self._injectors: list[Any] = []
         self._dense_ids: set[int] = set()
         self.pretrained_count = sum(p.numel() for p in backbone.pretrained_parameters().values())
         for parameter in backbone.parameters():
@@ -145,6 +149,25 @@ class Adaptation(torch.nn.Module):
             parameter.requires_grad_(True)
         self.masked_updates.append(update)
         self.hooks.append(update)
+
+    def add_prompts(self, source: Callable[[], Mapping[str, torch.Tensor]], injector: Any) -> None:
+        """Register a prompt source (site → (P, C)) and the injector that prepends it."""
+        self._prompt_sources.append(source)
+        self._injectors.append(injector)
+
+    def prompt_tokens(self) -> dict[str, list[torch.Tensor]]:
+        """Every site's prompts as fixed tensors, in injection order (for deployment)."""
+        tokens: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for source in self._prompt_sources:
+                for site, prompts in source().items():
+                    tokens.setdefault(site, []).append(prompts.detach().clone())
+        return tokens
+
+    def invalidate_prompts(self) -> None:
+        """Forget prompts cached for inference (after weights changed outside training)."""
+        for injector in self._injectors:
+            injector.invalidate()
 
     # -- roles ----------------------------------------------------------------------------
 
@@ -266,3 +289,31 @@ def apply_method(name: str, backbone: Backbone, budget: float,
     """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters)."""
     spec = get_method(name)
     return spec.build(backbone, float(budget), spec.make_options(options))
+
+
+def _option_defaults(options: type) -> dict[str, Any]:
+    defaults = {}
+    for field in dataclasses.fields(options):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
+
+
+def describe_methods(backbone_path: str, budget: float) -> list[dict[str, Any]]:
+    """Every method: summary, option defaults, and its parameter report at ``budget`` on the
+    backbone checkpoint ``backbone_path`` (or the reason it cannot reach that budget)."""
+    from weatherpeft.backbones import load_backbone
+
+    rows = []
+    for name in method_names():
+        spec = get_method(name)
+        row: dict[str, Any] = {"name": name, "summary": spec.summary,
+                               "options": _option_defaults(spec.options)}
+        try:
+            row.update(apply_method(name, load_backbone(backbone_path), budget).report().as_dict())
+        except ValueError as error:
+            row["error"] = str(error)
+        rows.append(row)
+    return rows

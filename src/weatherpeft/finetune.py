@@ -1,0 +1,104 @@
+"""One fine-tuning run: backbone → method at a budget → Trainer → adapter file and scores.
+
+Shared by ``weatherpeft finetune`` and the benchmark. The run folder holds the Trainer's
+checkpoints and metric log, ``adapter/`` (see :mod:`weatherpeft.adapters`) and
+``result.json`` (parameter report, adapter bytes, timings, validation and test scores).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weatherpeft.adapters import save_adapter
+from weatherpeft.atomic import write_json
+from weatherpeft.backbones import load_backbone
+from weatherpeft.methods.base import apply_method
+from weatherpeft.tasks.base import Task
+from weatherpeft.train import TrainConfig, Trainer, seed_everything
+
+__all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune"]
+
+#: Forecasting on the built-in downstream year: fine-tune on Jan–Sep, validate Oct–Nov, test Dec.
+FORECASTING_PERIODS = {"train": ("2003-01-01", "2003-09-30T18:00"),
+                       "val": ("2003-10-01", "2003-11-30T18:00"),
+                       "test": ("2003-12-01", "2003-12-31T18:00")}
+
+
+@dataclass
+class FinetuneConfig:
+    """What to fine-tune, how, and on which task.
+
+    ``options``: the method's options as a JSON object (``weatherpeft methods`` lists them).
+    ``store``: the task's data (default: the built-in downstream year).
+    """
+
+    task: str = "forecasting"
+    backbone: str = "models/aurora-tiny"
+    method: str = "weatherpeft"
+    budget: float = 0.003
+    options: str = "{}"
+    store: str = ""
+    evaluate: bool = True
+    threads: int = 1
+
+
+def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Method options from a JSON object (or a mapping, returned as a dict)."""
+    if isinstance(text, Mapping):
+        return dict(text)
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--options must be a JSON object, e.g. '{{\"gamma\": 0.1}}': {error}") from error
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def build_task(name: str, stats: Any, store: str = "") -> Task:
+    """The task ``name`` on ``store`` (default: its built-in data), normalised with ``stats``."""
+    from weatherpeft.data.builtin import store_path
+    from weatherpeft.tasks.forecasting import ForecastingTask
+
+    if name == "forecasting":
+        return ForecastingTask(store or store_path("downstream"), FORECASTING_PERIODS, stats,
+                               lead_steps=(1,))
+    raise ValueError(f"unknown task '{name}'; known: ['forecasting']")
+
+
+def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune, save the adapter into ``train.out_dir``/adapter, score; returns result.json's content."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    options = parse_options(config.options)
+    seed_everything(train.seed)
+    backbone = load_backbone(config.backbone)
+    task = build_task(config.task, backbone.stats, config.store)
+    adaptation = apply_method(config.method, backbone, config.budget, options)
+    trainer = Trainer(adaptation, task, train, hooks=adaptation.hooks,
+                      param_groups=adaptation.param_groups(train.weight_decay))
+    start = time.perf_counter()
+    summary = trainer.fit(resume=resume)
+    seconds = time.perf_counter() - start
+    out = Path(train.out_dir)
+    adapter = save_adapter(adaptation, out / "adapter",
+                           extra={"task": config.task, "train": train.to_dict()})
+    result: dict[str, Any] = {
+        "finetune": asdict(config),
+        "report": adaptation.report().as_dict(),
+        "adapter_bytes": (adapter / "adapter.safetensors").stat().st_size,
+        "fit": summary,
+        "fit_seconds": seconds,
+    }
+    if config.evaluate:
+        result["val_loss"] = trainer.validate()
+        result["test"] = trainer.evaluate(split="test")
+    write_json(out / "result.json", result)
+    return result
