@@ -76,6 +76,17 @@ class SFASConfig:
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
 
+#: Levels of the 16-bit uniform noise (U(0, 1) to within 2⁻¹⁷).
+_NOISE_LEVELS = float(1 << 16)
+
+
+def _uniform_int16(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` uniform 16-bit integers: four per 64-bit draw (RNG cost ÷ 4 against rand)."""
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64,
+                          generator=generator, device=generator.device)
+    return words.view(torch.int16)[:count]
+
+
 def _generator(device: torch.device, *entropy: int) -> torch.Generator:
     seed = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(seed)
@@ -99,9 +110,8 @@ class FisherSelection(MaskedUpdate):
 
     # -- Fisher ---------------------------------------------------------------------------
 
-    def _squared_gradient(self, name: str) -> torch.Tensor | None:
-        grad = self.parameters[name].grad
-        return None if grad is None else grad.detach().float().square()
+    def _gradient(self, name: str) -> torch.Tensor | None:
+        return self.parameters[name].grad
 
     def _accumulate(self) -> None:
         for name, parameter in self.parameters.items():
@@ -120,33 +130,40 @@ class FisherSelection(MaskedUpdate):
 
     # -- selection ------------------------------------------------------------------------
 
-    def refresh(self, fisher: Callable[[str], torch.Tensor | None], peak: float, step: int) -> None:
-        """Select at ``step`` from Fisher scores: ``fisher(name)`` gives a tensor (None = no
-        gradient), computed on demand so that only one block's scores exist at a time;
-        ``peak`` is their maximum."""
+    def refresh(self, source: Callable[[str], torch.Tensor | None], squared: bool, peak: float,
+                step: int) -> None:
+        """Select at ``step``. ``source(name)`` gives the gradient (``squared=True``: F = g²)
+        or the accumulated Fisher F of one tensor (None: no gradient, F = 0), so only one
+        block's scores exist at a time; ``peak`` is max F over every tensor.
+
+        Additive scores are computed as r + κ·F with r the noise as a uniform 16-bit integer
+        and κ = 2¹⁶ / (γ_n · max F): an affine, increasing map of F/max F + γ_n·U, so the
+        ranking is the same, at one fused pass over the entries.
+        """
         names = list(self.parameters)
         sizes = [self.parameters[n].numel() for n in names]
-        inverse_peak = 1.0 / peak if peak > 0 else 0.0
         scale = self.noise_scale(step)
         seed = self.config.seed
         multiplicative = self.config.noise == "multiplicative"
+        weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
         def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
             parameter = self.parameters[names[i]]
-            values = fisher(names[i])
+            values = source(names[i])
             values = torch.zeros(parameter.numel(), device=parameter.device) if values is None \
-                else values.reshape(-1).float() * inverse_peak
+                else values.detach().reshape(-1).float()
             if subset is not None:
                 values = values[subset]
-            if scale > 0:
-                noise = torch.rand(values.numel(), generator=_generator(
-                    parameter.device, seed, step, i, 0 if subset is None else 1),
-                    device=parameter.device)
-                if multiplicative:
-                    values = values * noise.mul_(scale).add_(1.0)
-                else:
-                    values = values.add_(noise, alpha=scale)
-            return values
+            if scale == 0:
+                return values.square() if squared else values.clone()
+            noise = _uniform_int16(values.numel(), _generator(
+                parameter.device, seed, step, i, 0 if subset is None else 1)).float()
+            if multiplicative:  # F·(1 + γ_n·U), U = (r + 2¹⁵ + ½)/2¹⁶; 1/max F changes no ranking
+                factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
+                return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
+            if squared:
+                return noise.addcmul_(values, values, value=weight)
+            return noise.add_(values, alpha=weight)
 
         k = self.per_step_entries
         if self.cap is None:
@@ -181,14 +198,15 @@ class FisherSelection(MaskedUpdate):
         refresh_now = step % self.config.refresh_every == 0 or not self.selection
         if self.config.refresh_every == 1:
             if refresh_now:
-                peak = max((float(torch.linalg.vector_norm(p.grad.detach(), float("inf"))) ** 2 for p in self.parameters.values()
-                            if p.grad is not None and p.numel()), default=0.0)
-                self.refresh(self._squared_gradient, peak, step)
+                extremes = [torch.aminmax(p.grad.detach()) for p in self.parameters.values()
+                            if p.grad is not None and p.numel()]
+                peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes), default=0.0)
+                self.refresh(self._gradient, True, peak, step)
             return
         self._accumulate()
         if refresh_now:
             peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
-            self.refresh(self._fisher.get, peak, step)
+            self.refresh(self._fisher.get, False, peak, step)
             for accumulated in self._fisher.values():
                 accumulated.zero_()
             self._since_refresh = 0
