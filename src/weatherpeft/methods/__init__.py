@@ -1,7 +1,8 @@
 """Fine-tuning methods behind one contract (:mod:`weatherpeft.methods.base`); importing this
 package registers every built-in method."""
 
-from weatherpeft.methods import frozen, full, sfas, weatherpeft  # noqa: F401  (each registers methods)
+from weatherpeft.methods import adaptformer, child_tuning, frozen, full  # noqa: F401  (each registers methods)
+from weatherpeft.methods import hf_peft, sfas, ssf, vpt, weatherpeft  # noqa: F401
 from weatherpeft.methods.base import (Adaptation, BudgetError, ParameterReport, apply_method,
                                       get_method, method_names, register_method)
 
