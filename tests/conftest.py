@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aurora.normalisation as aurora_normalisation
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,6 +97,20 @@ def strip_encoding(ds: xr.Dataset) -> xr.Dataset:
     for variable in ds.variables.values():
         variable.encoding = {}
     return ds
+
+
+#: Aurora's published statistics, as imported: every test ends with them restored.
+_PRISTINE_STATISTICS = (dict(aurora_normalisation.locations), dict(aurora_normalisation.scales))
+
+
+@pytest.fixture(autouse=True)
+def pristine_aurora_statistics():
+    """Backbones install statistics into Aurora's module-level dicts: put the defaults back."""
+    yield
+    for table, saved in zip((aurora_normalisation.locations, aurora_normalisation.scales),
+                            _PRISTINE_STATISTICS):
+        table.clear()
+        table.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -38,17 +38,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def restore_aurora_statistics():
-    """Backbones install statistics into Aurora's module-level dicts: put them back after."""
-    locations, scales = dict(aurora_normalisation.locations), dict(aurora_normalisation.scales)
-    yield
-    for table, saved in ((aurora_normalisation.locations, locations),
-                         (aurora_normalisation.scales, scales)):
-        table.clear()
-        table.update(saved)
-
-
 @pytest.fixture(scope="module")
 def world():
     return make_world(levels=(300, 500, 850))

@@ -1,4 +1,5 @@
-"""select_top_k against a stable full sort: ties, signed zeros, −inf, dense clusters, errors, call contract."""
+"""select_top_k against a stable full sort: ties, signed zeros, −inf, dense clusters, errors,
+and the call contract (calls per block, no block held past the next request)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ INF = math.inf
 
 @pytest.fixture(params=["default-slack", "slack-1"])
 def slack(request):
-    """Run each case as shipped and with the pool cut back after every block that adds an entrant."""
+    """Run each case as shipped and with the pool's minimum slack at 1 (capacity 2k), so that
+    small cases go through many cuts, not only the final one."""
     if request.param == "slack-1":
         with mock.patch.object(selection, "_MIN_SLACK", 1):
             yield
@@ -118,7 +120,7 @@ def test_signed_zeros_tie_in_position_order(slack):
 
 @pytest.mark.parametrize("k", [3, 60, 300, 611, 1000, 1400])
 def test_boundary_inside_dense_cluster_of_neighbouring_floats(k, slack):
-    """1 + j·ulp for a few distinct j: many near-equal values and ties around the threshold."""
+    """1 + j·ulp for 40 values of j: neighbouring floats and ties around the threshold."""
     rng = np.random.default_rng(4)
     cluster = (1.0 + rng.integers(0, 40, 1600) * np.float32(2.0**-23)).astype(np.float32)
     values = np.concatenate([cluster, [2.0] * 3, np.nextafter(np.float32(1.0), np.float32(0)) * np.ones(50)])
@@ -129,7 +131,8 @@ def test_boundary_inside_dense_cluster_of_neighbouring_floats(k, slack):
 
 @pytest.mark.parametrize("k", [1, 10, 1000, 4999])
 def test_ascending_blocks_every_block_beats_the_bar(k, slack):
-    """Each block is better than all before it: the pool is refilled and cut back repeatedly."""
+    """Each block is better than all before it: with slack 1 the pool fills and is cut back
+    again and again (the worst case for the pool's work)."""
     rng = np.random.default_rng(5)
     sizes = [int(n) for n in rng.integers(1, 200, 50)]
     blocks = [torch.from_numpy((i + rng.random(n)).astype(np.float32)) for i, n in enumerate(sizes)]
@@ -196,7 +199,9 @@ def test_k_outside_range_is_rejected(k):
         select_top_k(lambda i: torch.zeros(6), [6, 6], k)
 
 
-def test_wrong_block_shape_or_dtype_is_rejected():
+def test_bad_sizes_or_blocks_are_rejected():
+    with pytest.raises(ValueError, match="non-negative"):
+        select_top_k(lambda i: torch.zeros(3), [3, -1], 0)
     with pytest.raises(ValueError, match=r"scores\(1\)"):
         select_top_k(lambda i: torch.zeros(4 if i == 0 else 5), [4, 4], 2)
     with pytest.raises(ValueError, match=r"scores\(0\)"):

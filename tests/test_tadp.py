@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import aurora.normalisation as aurora_normalisation
 import pytest
 import torch
 
@@ -35,17 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def restore_aurora_statistics():
-    """Backbones install statistics into Aurora's module-level dicts: put them back after."""
-    locations, scales = dict(aurora_normalisation.locations), dict(aurora_normalisation.scales)
-    yield
-    for table, saved in ((aurora_normalisation.locations, locations),
-                         (aurora_normalisation.scales, scales)):
-        table.clear()
-        table.update(saved)
 
 
 def frozen_tiny(**kwargs):

@@ -358,6 +358,8 @@ def cmd_methods(args) -> int:
         size = (f"trains {row['trainable']:,} entries per step ({row['trainable_fraction']:.3%})"
                 if "trainable" in row else f"cannot: {row['error']}")
         print(f"{row['name']:<14} {row['summary']}\n{'':<14} at budget {args.budget}: {size}")
+        if row.get("resolved"):
+            print(f"{'':<14} sized as: {json.dumps(row['resolved'])}")
         print(f"{'':<14} options: {row['options']}")
     return 0
 

@@ -312,7 +312,8 @@ def describe_methods(backbone_path: str, budget: float) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "summary": spec.summary,
                                "options": _option_defaults(spec.options)}
         try:
-            row.update(apply_method(name, load_backbone(backbone_path), budget).report().as_dict())
+            adaptation = apply_method(name, load_backbone(backbone_path), budget)
+            row.update(adaptation.report().as_dict(), resolved=adaptation.resolved)
         except ValueError as error:
             row["error"] = str(error)
         rows.append(row)

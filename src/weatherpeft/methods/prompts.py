@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PromptInjector"]
+__all__ = ["PromptInjector", "site_width"]
 
 _MASK_ARGUMENT = "mask"
 
@@ -180,3 +180,11 @@ class PromptInjector:
             raise TypeError(f"prompt site '{name}' returned {type(output).__name__}; the "
                             "injector needs a tensor of tokens (B', P+N, C)")
         return output[:, count:].contiguous()
+
+
+def site_width(name: str, module: torch.nn.Module) -> int:
+    """A site's token width: the input width of its first linear layer (Aurora: ``qkv``)."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            return sub.in_features
+    raise ValueError(f"prompt site '{name}' has no nn.Linear to read its token width from")

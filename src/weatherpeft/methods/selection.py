@@ -1,42 +1,45 @@
 """Exact global top-k over many score blocks, in one streaming pass with O(k) extra memory.
 
 SFAS selects the k entries with the largest scores across every trainable tensor of a
-model (~10^8 entries). Concatenating the scores and calling ``torch.topk`` holds two
-parameter-sized copies and is slow on one thread. :func:`select_top_k` instead asks for
-the scores one block at a time — **once per block** — and keeps a small pool of candidates:
+model (~10^8 entries). Concatenating the scores and calling ``torch.topk`` holds the scores
+plus, on CPU, a 16-byte-per-entry work queue, and is slow on one thread. :func:`select_top_k`
+asks for the scores one block at a time — **once per block** — and keeps a pool of
+candidates:
 
-1. Each candidate is (score, global position), the position being the block's offset plus
-   the flat index, so position order is (block, index) order. The pool is kept in
-   position order: blocks are visited in order and filtering preserves order.
-2. Until the pool has seen k entries every entry is a candidate. After that the pool is
-   cut back to exactly the k best (see 4); their smallest score ``t`` becomes the entry
-   bar. A later entry enters only if its score is **strictly** above ``t``: an entry equal
-   to ``t`` ties with k earlier entries at least as good and loses the tie-break, so it can
-   never be selected. ``t`` only rises, so ever fewer entries enter.
+1. A candidate is (score, global position), the position being the block's offset plus the
+   flat index, so position order is (block, index) order. The pool stays in position order:
+   blocks are visited in order and every filter below preserves order.
+2. When the pool outgrows ``capacity = k + max(k, 65536)`` it is *cut* back to exactly the
+   k best: ``t`` = the k-th largest score (linear-time selection), every candidate ≥ ``t``,
+   and if more than k tie at ``t``, the first ones in position order. ``t`` becomes the
+   *bar*: a later entry enters the pool only if its score is **strictly** above it — an
+   entry equal to ``t`` ties with k earlier candidates at least as good and loses the
+   tie-break, so it can never be selected. Before the first cut every entry enters. The
+   bar only rises, so ever fewer entries enter.
 3. A block is filtered with one comparison and one ``nonzero``; a block whose maximum does
-   not exceed ``t`` costs one reduction only. The maximum doubles as the NaN check (max
-   reductions propagate NaN).
-4. When the pool outgrows ``capacity = k + max(k, 65536)`` it is cut back to k: the k-th
-   largest score ``t`` (``kthvalue``, linear time), every entry above ``t`` and the first
-   ``k - #above`` entries equal to ``t`` in position order. Each cut removes at least
-   ``max(k, 65536)`` entries at a cost linear in ``capacity``, so cuts cost O(N) overall
-   even when every block beats the bar (blocks in ascending order); with scores of similar
-   distribution in every block only O(k log(N/k)) entries ever enter and cuts are rare.
+   not exceed the bar costs one reduction only. The maximum doubles as the NaN check (max
+   reductions propagate NaN). A final cut leaves exactly k.
 
-The result is exactly what a stable descending sort of the concatenated scores would give
-(ties broken by lower block, then lower flat index). Scores compare as floats: −0 == +0
-(they tie and the earlier position wins, as in a sort), −inf is the lowest value, +inf the
-highest; NaN is rejected.
+The result is what a stable descending sort of the concatenated scores gives (ties broken
+by lower block, then lower flat index). Scores compare as floats: −0 == +0 (they tie and
+the earlier position wins, as in a sort), −inf is the lowest value, +inf the highest; NaN is
+rejected.
 
-Cost: one ``scores(i)`` call per block, plus per block one max reduction, one comparison and
-one ``nonzero`` — about 1.7 ns per entry on one CPU thread, well below the cost of generating
-the scores. Extra memory: the pool (≤ capacity + one block's entrants, 12 bytes each), a
-one-byte mask and the entrants' indices of the current block; only while fewer than k
-entries have been seen (and for a block that beats the bar everywhere) does a whole block
-enter the pool, a one-block transient. A radix select on the float bit patterns (histogram
-of the top 16 bits, then of the low 16 bits, then collection) is also exact and lean but
-needs two or three ``scores(i)`` calls per block plus ~4 ns per entry for keys and
-histograms — about three times the cost of this single pass.
+Cost, on one CPU thread: per entry one max, one comparison and one ``nonzero``, ~1.7 ns
+(generating SFAS scores costs ~5 ns); per pool entry at a cut ~15 ns (numpy's introselect
+on CPU, ``kthvalue`` elsewhere). Each cut removes ≥ max(k, 65536) candidates at a cost
+linear in ``capacity``, so cuts cost O(N) even in the worst case (every block beats the bar,
+e.g. blocks in ascending order). With similarly distributed blocks ~k·(1 + ln(N/k))
+entries ever enter: negligible for k ≤ 1 % of N, dominant for k ≳ 10 % of N (still faster
+than concatenate + ``topk`` there). Extra memory: the pool, ≤ capacity plus one block's
+entrants at 12 bytes each, and the current block's one-byte mask and entrant indices; a
+whole block enters (a one-block transient) only before the first cut or where it beats the
+bar everywhere.
+
+A radix select on the float bit patterns (histogram of the top 16 key bits, then of the low
+16 in the boundary bin, then collection) is exact and lean too, but needs two or three
+``scores(i)`` calls per block plus ~4 ns per entry for keys and histograms: more than
+twice this pass's time for the small k SFAS uses.
 """
 
 from __future__ import annotations

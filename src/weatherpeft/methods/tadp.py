@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.prompts import PromptInjector
+from weatherpeft.methods.prompts import PromptInjector, site_width
 
 __all__ = ["PromptGenerator", "ResidualAdapter", "TADP", "TADPConfig", "fit_tadp_config",
            "tadp_parameter_count"]
@@ -170,14 +170,6 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def _site_width(name: str, module: nn.Module) -> int:
-    """A site's token width: the input width of its first linear layer (Aurora: ``qkv``)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            return sub.in_features
-    raise ValueError(f"prompt site '{name}' has no nn.Linear to read its token width from")
-
-
 def _stage(site: str) -> str:
     match = _STAGE.search(site)
     if match is None:
@@ -188,7 +180,7 @@ def _stage(site: str) -> str:
 
 def _plan(backbone: Backbone, embed_dim: int, sharing: str) -> list[_SitePlan]:
     """Generator and projection keys of every prompt site, for one sharing mode."""
-    sites = [(name, _site_width(name, module)) for name, module in backbone.prompt_sites()]
+    sites = [(name, site_width(name, module)) for name, module in backbone.prompt_sites()]
     if not sites:
         raise ValueError(f"{type(backbone).__name__} has no prompt sites")
     plans = []

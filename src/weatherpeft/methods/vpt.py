@@ -29,8 +29,7 @@ from torch import nn
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
                                       register_method)
-from weatherpeft.methods.prompts import PromptInjector
-from weatherpeft.methods.tadp import _site_width
+from weatherpeft.methods.prompts import PromptInjector, site_width
 
 __all__ = ["VPTOptions", "VPTPrompts", "apply_vpt"]
 
@@ -82,7 +81,7 @@ def _patch_fan_in(backbone: Backbone) -> int:
                                     "Swin block's attention; prompt length from the budget")
 def apply_vpt(backbone: Backbone, budget: float, options: VPTOptions) -> Adaptation:
     entries = budget_entries(backbone, budget)
-    widths = {name: _site_width(name, module) for name, module in backbone.prompt_sites()}
+    widths = {name: site_width(name, module) for name, module in backbone.prompt_sites()}
     if not widths:
         raise ValueError(f"{type(backbone).__name__} has no prompt sites")
     per_prompt = sum(widths.values())
