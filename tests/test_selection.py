@@ -193,6 +193,15 @@ def test_nan_is_rejected_naming_the_block(k):
         select_top_k(lambda i: blocks[i].clone(), [5, 0, 4, 3], k)
 
 
+@pytest.mark.parametrize("position", [10, 2999, 5000 - 3])
+def test_nan_in_a_prefiltered_block_is_rejected(position):
+    """Blocks of ≥ 1024 entries are checked through their chunk maxima and tail."""
+    block = torch.rand(5000)
+    block[position] = math.nan
+    with pytest.raises(ValueError, match="block 1"):
+        select_top_k(lambda i: [torch.rand(2000), block][i].clone(), [2000, 5000], 7)
+
+
 @pytest.mark.parametrize("k", [-1, 13])
 def test_k_outside_range_is_rejected(k):
     with pytest.raises(ValueError, match="cannot select"):

@@ -52,6 +52,8 @@ import torch
 
 #: Slack above k before the pool is cut back (bounds the number of cuts for small k).
 _MIN_SLACK = 1 << 16
+#: Entries per chunk of the prefilter: only chunks whose maximum beats the bar are compared.
+_CHUNK = 64
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> float:
@@ -75,8 +77,13 @@ class _Pool:
         self.bar: float | None = None
         self.device: torch.device | None = None
 
-    def offer(self, x: torch.Tensor, maximum: float, offset: int) -> None:
-        """Add the entries of block ``x`` (at global ``offset``) that can still make the top k."""
+    def offer(self, x: torch.Tensor, maximum: float, offset: int,
+              chunk_maxima: torch.Tensor | None = None) -> None:
+        """Add the entries of block ``x`` (at global ``offset``) that can still make the top k.
+
+        ``chunk_maxima``: maxima of x's consecutive ``_CHUNK``-entry chunks (the whole ones):
+        entries of chunks that cannot beat the bar are skipped without being compared.
+        """
         if self.k == 0 or x.numel() == 0 or (self.bar is not None and maximum <= self.bar):
             return
         if self.device is None:
@@ -86,7 +93,16 @@ class _Pool:
             values = x.clone()
             positions = torch.arange(offset, offset + x.numel(), device=x.device)
         else:
-            index = torch.gt(x, x.new_full((), self.bar)).nonzero().squeeze(1)
+            bar = x.new_full((), self.bar)
+            if chunk_maxima is None:
+                index = torch.gt(x, bar).nonzero().squeeze(1)
+            else:
+                hot = torch.gt(chunk_maxima, bar).nonzero().squeeze(1)
+                whole = chunk_maxima.numel() * _CHUNK
+                candidates = torch.cat([
+                    (hot.unsqueeze(1) * _CHUNK + torch.arange(_CHUNK, device=x.device)).reshape(-1),
+                    torch.arange(whole, x.numel(), device=x.device)])
+                index = candidates[torch.gt(x.index_select(0, candidates), bar)]
             values = x.index_select(0, index)
             positions = index.add_(offset)
         self.values.append(values.to(self.device))
@@ -145,10 +161,17 @@ def select_top_k(scores: Callable[[int], torch.Tensor], sizes: Sequence[int], k:
         if x.dtype != torch.float32 or tuple(x.shape) != (n,):
             raise ValueError(f"scores({i}) must be a float32 tensor of shape ({n},), "
                              f"got {x.dtype} {tuple(x.shape)}")
-        maximum = float(x.amax()) if n else -math.inf
+        chunk_maxima = None
+        if n >= 16 * _CHUNK:
+            x = x.contiguous()
+            whole = n // _CHUNK * _CHUNK
+            chunk_maxima = x[:whole].view(-1, _CHUNK).amax(1)
+            maximum = float(torch.cat([chunk_maxima, x[whole:]]).amax())  # NaN propagates
+        else:
+            maximum = float(x.amax()) if n else -math.inf
         if math.isnan(maximum):
             raise ValueError(f"scores of block {i} contain NaN")
-        pool.offer(x, maximum, offset)
+        pool.offer(x, maximum, offset, chunk_maxima)
         offsets.append(offset)
         devices.append(x.device)
         offset += n
