@@ -79,3 +79,5 @@ def test_demo_runs_on_the_built_in_world(capsys):
     out = capsys.readouterr().out
     assert "checksums verified" in out and "z_500" in out
     assert "24 h forecast by aurora-tiny" in out
+    assert out.count("reloaded: outputs identical") == 2  # both SFAS budget modes round-trip
+    assert "= 4.00% of the weights" in out  # strict mode never exceeds the budget
