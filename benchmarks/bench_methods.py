@@ -1,7 +1,8 @@
 """Every registered method at equal budgets on the shipped ``aurora-tiny``: size and step time.
 
 For each method × budget: apply it to a fresh pretrained backbone, run ``--warmup`` +
-``--steps`` Trainer steps (batch 2 of the built-in downstream year, one CPU thread), then
+``--steps`` Trainer steps on one fixed batch of 2 (6-h forecasting on the built-in downstream
+year, the task's own loss; Child-Tuning's Fisher uses its March training data), then
 save its adapter. Reports trainable and stored entries (``ParameterReport``), adapter file
 bytes and the median step time, all in one process and one run, so the step times compare.
 Methods that cannot reach a budget say why instead of a row.
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_OPTIONS = {"peft": {"peft_type": "ia3"}}
 
 
-def measure(method: str, budget: float, batch, steps: int, warmup: int) -> dict:
+def measure(method: str, budget: float, task, batch, steps: int, warmup: int) -> dict:
     from weatherpeft.adapters import save_adapter
     from weatherpeft.backbones import load_backbone
     from weatherpeft.methods.base import apply_method
@@ -37,7 +38,7 @@ def measure(method: str, budget: float, batch, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config = TrainConfig(steps=warmup + steps, batch_size=2, lr=1e-3, grad_clip=1.0,
                              log_every=0, progress=False, out_dir=folder)
-        trainer = Trainer(adaptation, _Task(), config, hooks=adaptation.hooks,
+        trainer = Trainer(adaptation, task, config, hooks=adaptation.hooks,
                           param_groups=adaptation.param_groups(config.weight_decay))
         for hook in trainer.hooks:
             if hasattr(hook, "on_fit_start"):
@@ -57,23 +58,11 @@ def measure(method: str, budget: float, batch, steps: int, warmup: int) -> dict:
             "adapter_bytes": adapter_bytes, "step_s": statistics.median(times[warmup:])}
 
 
-class _Task:
-    """The Trainer's view of a task: latitude-weighted MSE of normalised fields, one fixed batch."""
-
-    def training_loss(self, model, batch):
-        inputs, target = batch
-        prediction = model(inputs)
-        errors = [torch.mean((prediction.surf_vars[k] - v) ** 2) / v.var()
-                  for k, v in target.surf_vars.items()]
-        errors += [torch.mean((prediction.atmos_vars[k] - v) ** 2) / v.var()
-                   for k, v in target.atmos_vars.items()]
-        return torch.stack(errors).mean()
-
-
 def main() -> None:
+    from weatherpeft.backbones import load_backbone
     from weatherpeft.data.builtin import store_path
-    from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches
     from weatherpeft.methods.base import method_names
+    from weatherpeft.tasks.forecasting import ForecastingTask
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=None)
@@ -83,13 +72,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dataset = WB2Dataset(store_path("downstream"), SampleSpec(start="2003-03-01", end="2003-03-03"))
-    batch = collate_batches([dataset[0], dataset[1]])
+    stats = load_backbone(ROOT / "models" / "aurora-tiny").stats
+    periods = {"train": ("2003-03-01", "2003-03-31T18:00"), "val": ("2003-04-01", "2003-04-07"),
+               "test": ("2003-04-01", "2003-04-07")}
+    task = ForecastingTask(store_path("downstream"), periods, stats, lead_steps=(1,))
+    batch = next(iter(task.dataloader("train", 2)))
     rows = []
     for method in args.methods or method_names():
         for budget in args.budgets:
             try:
-                row = measure(method, budget, batch, args.steps, args.warmup)
+                row = measure(method, budget, task, batch, args.steps, args.warmup)
             except ValueError as error:
                 row = {"method": method, "budget": budget, "error": str(error)}
             rows.append(row)

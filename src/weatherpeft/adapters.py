@@ -109,7 +109,7 @@ def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
         "budget": adaptation.budget,
         "resolved": adaptation.resolved,
         "report": adaptation.report().as_dict(),
-        "variables": list(getattr(backbone, "embedding_variables", ())),
+        "variables": list(backbone.embedding_variables),
         "backbone": {"fingerprint": backbone.fingerprint(), "config": backbone.config},
         "tensors": {key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                     for key, t in sorted(tensors.items())},

@@ -136,6 +136,12 @@ class Backbone(torch.nn.Module, abc.ABC):
         A differentiable function of the live parameters: gradients reach the embeddings.
         """
 
+    @property
+    @abc.abstractmethod
+    def embedding_variables(self) -> tuple[str, ...]:
+        """Every name :meth:`embedding_weights` accepts, in the model's order (a task's default
+        variable set for TADP)."""
+
     @abc.abstractmethod
     def prompt_sites(self) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every attention module where prompt tokens can go."""

@@ -219,11 +219,7 @@ def _width_map_count(embed_dim: int, width: int, config: TADPConfig) -> int:
 
 def _embedding_shape(backbone: Backbone) -> tuple[int, int]:
     """(D, S) of the backbone's patch embeddings, read from its first embedding variable."""
-    variables = getattr(backbone, "embedding_variables", None)
-    if not variables:
-        raise ValueError(f"{type(backbone).__name__} does not list its embedding_variables, "
-                         "needed to read the embedding shape (D, S)")
-    embed_dim, _, kernel_size = backbone.embedding_weights(variables[:1]).shape
+    embed_dim, _, kernel_size = backbone.embedding_weights(backbone.embedding_variables[:1]).shape
     return embed_dim, kernel_size
 
 

@@ -96,11 +96,7 @@ class WeatherPEFTOptions(TADPOptions):
 
 
 def _variables(backbone: Backbone, options: TADPOptions) -> tuple[str, ...]:
-    variables = options.variables or tuple(getattr(backbone, "embedding_variables", ()))
-    if not variables:
-        raise ValueError(f"{type(backbone).__name__} lists no embedding variables: pass TADP's "
-                         "'variables' option")
-    return variables
+    return options.variables or tuple(backbone.embedding_variables)
 
 
 def size_tadp(backbone: Backbone, n_variables: int, max_parameters: int,
