@@ -99,6 +99,17 @@ def strip_encoding(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread: this machine's two cores are shared, and more threads run slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: Aurora's published statistics, as imported: every test ends with them restored.
 _PRISTINE_STATISTICS = (dict(aurora_normalisation.locations), dict(aurora_normalisation.scales))
 
@@ -162,6 +173,19 @@ def load_pretrained_tiny(**kwargs):
     from weatherpeft.backbones.aurora import AuroraBackbone
 
     return AuroraBackbone.from_checkpoint(PRETRAINED_TINY, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def march_task():
+    """6-h forecasting on 1–9 March 2003 of the built-in downstream year (aurora-tiny's statistics):
+    a small real task for fine-tuning tests."""
+    from weatherpeft.data.builtin import store_path
+    from weatherpeft.tasks.forecasting import ForecastingTask
+
+    periods = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
+               "test": ("2003-03-07", "2003-03-09")}
+    return ForecastingTask(store_path("downstream"), periods, load_pretrained_tiny().stats,
+                           lead_steps=(1,))
 
 
 @pytest.fixture(scope="session")

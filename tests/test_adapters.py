@@ -15,33 +15,18 @@ from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _sha25
                                   load_adapter, load_merged, save_adapter, save_merged)
 from weatherpeft.cli import main
 from weatherpeft.methods.base import apply_method
-from weatherpeft.tasks.forecasting import ForecastingTask
 from weatherpeft.train import TrainConfig, Trainer
-
-PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
-           "test": ("2003-03-07", "2003-03-09")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(march_task, tmp_path_factory):
     """A WeatherPEFT adaptation after 3 steps, and its adapter folder."""
-    from weatherpeft.data.builtin import store_path
-
     backbone = load_pretrained_tiny()
-    task = ForecastingTask(store_path("downstream"), PERIODS, backbone.stats, lead_steps=(1,))
     adaptation = apply_method("weatherpeft", backbone, 0.04, {"gamma": 0.5})
     folder = tmp_path_factory.mktemp("adapter")
     config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(folder / "run"))
-    Trainer(adaptation, task, config, hooks=adaptation.hooks,
+    Trainer(adaptation, march_task, config, hooks=adaptation.hooks,
             param_groups=adaptation.param_groups(config.weight_decay)).fit()
     adaptation.eval()
     return adaptation, save_adapter(adaptation, folder / "adapter")

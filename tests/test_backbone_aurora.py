@@ -1,4 +1,4 @@
-"""The Aurora backbone: forward, task repository, prompt sites, parameter roles, checkpoints,
+"""The Aurora backbone: forward, march_task repository, prompt sites, parameter roles, checkpoints,
 normalisation statistics, presets. Tiny configurations only (a few seconds in all)."""
 
 from __future__ import annotations
@@ -27,15 +27,6 @@ PERIOD = dict(start="2001-03-01T00:00", end="2001-03-03T18:00")
 #: aurora-tiny's shape at a sixteenth of the parameters: same depths, so the same 8 blocks.
 SMALL = {"embed_dim": 32, "num_heads": 2, "encoder_num_heads": (2, 4),
          "decoder_num_heads": (4, 2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: this machine's two cores are shared, and two threads then run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,33 +17,14 @@ from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.child_tuning import ChildTuningOptions, RandomMask
 from weatherpeft.methods.sfas import selectable_parameters
 from weatherpeft.methods.ssf import SSFOptions, fold_scale_shift
-from weatherpeft.tasks.forecasting import ForecastingTask
 from weatherpeft.train import TrainConfig, Trainer
 
-PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
-           "test": ("2003-03-07", "2003-03-09")}
 METHODS = ("ssf", "vpt", "adaptformer", "child_tuning", "random_mask")
 MASKED = ("child_tuning", "random_mask")
 #: SSF trains at 0.04, where it uses every site (norms included) — its documented exception.
 TRAIN_BUDGET = {"ssf": 0.04}
 #: Σ of the 8 Swin block widths of aurora-tiny.
 WIDTHS = 2 * 128 + 4 * 256 + 2 * 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from weatherpeft.data.builtin import store_path
-
-    return ForecastingTask(store_path("downstream"), PERIODS, load_pretrained_tiny().stats,
-                           lead_steps=(1,))
 
 
 def predict(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
@@ -66,24 +47,24 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return max(float((a[k] - b[k]).abs().max() / b[k].std()) for k in a)
 
 
-def fine_tune(task, out_dir, method, budget, options=None, steps=3, extra_hooks=()):
+def fine_tune(march_task, out_dir, method, budget, options=None, steps=3, extra_hooks=()):
     backbone = load_pretrained_tiny()
     adaptation = apply_method(method, backbone, budget, options)
     before = {n: p.detach().clone() for n, p in backbone.pretrained_parameters().items()}
     added_before = {n: p.detach().clone() for n, p in adaptation.added_parameters().items()}
     config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(out_dir))
-    trainer = Trainer(adaptation, task, config, hooks=[*adaptation.hooks, *extra_hooks],
+    trainer = Trainer(adaptation, march_task, config, hooks=[*adaptation.hooks, *extra_hooks],
                       param_groups=adaptation.param_groups(config.weight_decay))
     trainer.fit()
     return adaptation, before, added_before, trainer
 
 
 @pytest.fixture(scope="module", params=METHODS)
-def trained(request, task, tmp_path_factory):
+def trained(request, march_task, tmp_path_factory):
     """(method, adaptation after 3 steps, pretrained before, added before, trainer)."""
     method = request.param
-    return (method, *fine_tune(task, tmp_path_factory.mktemp(method), method,
+    return (method, *fine_tune(march_task, tmp_path_factory.mktemp(method), method,
                                TRAIN_BUDGET.get(method, 0.003)))
 
 
@@ -303,7 +284,7 @@ class Recorder:
             self.selections.append({n: i.clone() for n, i in self.update.selection.items()})
 
 
-def test_child_tuning_mask_is_the_top_k_of_the_pre_training_fisher_and_stays(task, tmp_path):
+def test_child_tuning_mask_is_the_top_k_of_the_pre_training_fisher_and_stays(march_task, tmp_path):
     include = (r"decoder_layers\.1\.blocks\.1\.mlp\.fc\d\.weight",)
     options = {"fisher_batches": 2, "include": include}
     budget = 0.0001
@@ -313,11 +294,11 @@ def test_child_tuning_mask_is_the_top_k_of_the_pre_training_fisher_and_stays(tas
     for parameter in parameters.values():
         parameter.requires_grad_(True)
     fisher = {n: torch.zeros_like(p) for n, p in parameters.items()}
-    for index, batch in enumerate(task.dataloader("train", 2)):
+    for index, batch in enumerate(march_task.dataloader("train", 2)):
         if index == 2:
             break
         reference.zero_grad()
-        task.training_loss(reference, batch).backward()
+        march_task.training_loss(reference, batch).backward()
         for name, parameter in parameters.items():
             fisher[name] += parameter.grad.square()
     k = budget_entries(reference, budget)
@@ -334,7 +315,7 @@ def test_child_tuning_mask_is_the_top_k_of_the_pre_training_fisher_and_stays(tas
     after_hook = Recorder(update)
     config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(tmp_path / "run"))
-    Trainer(adaptation, task, config, hooks=[before_hook, *adaptation.hooks, after_hook],
+    Trainer(adaptation, march_task, config, hooks=[before_hook, *adaptation.hooks, after_hook],
             param_groups=adaptation.param_groups(config.weight_decay)).fit()
     assert torch.equal(before_hook.rng, after_hook.rng)  # the Fisher pass left the RNG alone
     assert update.fisher_batches_used == 2

@@ -13,21 +13,10 @@ from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_m
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.hf_peft import SWIN_LINEARS, lora_entries, target_modules
-from weatherpeft.tasks.forecasting import ForecastingTask
 from weatherpeft.train import TrainConfig, Trainer
 
-PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
-           "test": ("2003-03-07", "2003-03-09")}
 #: Relative tolerance (of each variable's largest value) for "same outputs up to float rounding".
 ROUNDING = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def outputs(model, batch):
@@ -142,22 +131,18 @@ def test_outputs_at_initialisation_equal_the_frozen_backbone(method, builtin_bat
 
 
 @pytest.fixture(scope="module", params=[("lora", 0.04), ("dora", 0.003)], ids=["lora", "dora"])
-def trained(request, tmp_path_factory):
+def trained(request, march_task, tmp_path_factory):
     """((pretrained parameter, its value before) pairs, the adaptation after 3 steps, added
     parameters before, the adapter folder)."""
-    from weatherpeft.data.builtin import store_path
-
-    torch.set_num_threads(1)
     method, budget = request.param
     backbone = load_pretrained_tiny()
     before = [(p, p.detach().clone()) for p in backbone.pretrained_parameters().values()]
     adaptation = apply_method(method, backbone, budget)
     added_before = {n: p.detach().clone() for n, p in adaptation.added_parameters().items()}
-    task = ForecastingTask(store_path("downstream"), PERIODS, backbone.stats, lead_steps=(1,))
     folder = tmp_path_factory.mktemp(method)
     config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(folder / "run"))
-    Trainer(adaptation, task, config, hooks=adaptation.hooks,
+    Trainer(adaptation, march_task, config, hooks=adaptation.hooks,
             param_groups=adaptation.param_groups(config.weight_decay)).fit()
     adaptation.eval()
     return before, adaptation, added_before, save_adapter(adaptation, folder / "adapter")

@@ -9,36 +9,16 @@ from conftest import load_pretrained_tiny
 from weatherpeft.methods.base import apply_method, budget_entries
 from weatherpeft.methods.masked_update import MaskedUpdate
 from weatherpeft.methods.sfas import FisherSelection, SFASConfig
-from weatherpeft.tasks.forecasting import ForecastingTask
 from weatherpeft.train import TrainConfig, Trainer
 
-PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
-           "test": ("2003-03-07", "2003-03-09")}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from weatherpeft.data.builtin import store_path
-
-    return ForecastingTask(store_path("downstream"), PERIODS, load_pretrained_tiny().stats,
-                           lead_steps=(1,))
-
-
-def fine_tune(task, tmp_path, method="sfas", budget=0.003, steps=4, **options):
+def fine_tune(march_task, tmp_path, method="sfas", budget=0.003, steps=4, **options):
     backbone = load_pretrained_tiny()
     before = {n: p.detach().clone() for n, p in backbone.pretrained_parameters().items()}
     adaptation = apply_method(method, backbone, budget, options)
     config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(tmp_path / "run"), grad_clip=1.0)
-    trainer = Trainer(adaptation, task, config, hooks=adaptation.hooks,
+    trainer = Trainer(adaptation, march_task, config, hooks=adaptation.hooks,
                       param_groups=adaptation.param_groups(config.weight_decay))
     trainer.fit()
     return adaptation, before, trainer
@@ -50,8 +30,8 @@ def changed_entries(adaptation, before) -> dict[str, torch.Tensor]:
             for n in before}
 
 
-def test_only_selected_entries_move_and_stored_counts_them(task, tmp_path):
-    adaptation, before, trainer = fine_tune(task, tmp_path)
+def test_only_selected_entries_move_and_stored_counts_them(march_task, tmp_path):
+    adaptation, before, trainer = fine_tune(march_task, tmp_path)
     (selection,) = adaptation.masked_updates
     changed = changed_entries(adaptation, before)
     n_changed = sum(len(v) for v in changed.values())
@@ -70,16 +50,16 @@ def test_only_selected_entries_move_and_stored_counts_them(task, tmp_path):
     assert not any(id(p) in pretrained_ids for p in trainer.optimizer.state)
 
 
-def test_strict_mode_keeps_the_union_within_the_budget(task, tmp_path):
-    adaptation, before, _ = fine_tune(task, tmp_path, budget_mode="strict", steps=5)
+def test_strict_mode_keeps_the_union_within_the_budget(march_task, tmp_path):
+    adaptation, before, _ = fine_tune(march_task, tmp_path, budget_mode="strict", steps=5)
     cap = budget_entries(adaptation.backbone, 0.003)
     n_changed = sum(len(v) for v in changed_entries(adaptation, before).values())
     assert 0 < n_changed <= cap
     assert adaptation.report().stored == n_changed
 
 
-def test_union_mode_grows_beyond_k_under_noise(task, tmp_path):
-    adaptation, before, _ = fine_tune(task, tmp_path, gamma=0.5, steps=4)
+def test_union_mode_grows_beyond_k_under_noise(march_task, tmp_path):
+    adaptation, before, _ = fine_tune(march_task, tmp_path, gamma=0.5, steps=4)
     k = budget_entries(adaptation.backbone, 0.003)
     assert adaptation.report().stored > k
 

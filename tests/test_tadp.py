@@ -27,15 +27,6 @@ VARIABLES = ("2t", "msl", "z")
 WIDTHS = (128, 128, 256, 256, 256, 256, 128, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: this machine's cores are shared, and more threads run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def frozen_tiny(**kwargs):
     """The pretrained aurora-tiny in eval mode with every parameter frozen."""
     backbone = load_pretrained_tiny(**kwargs).eval()

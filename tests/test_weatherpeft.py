@@ -8,27 +8,7 @@ import torch
 from conftest import load_pretrained_tiny
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.tadp import TADP
-from weatherpeft.tasks.forecasting import ForecastingTask
 from weatherpeft.train import TrainConfig, Trainer
-
-PERIODS = {"train": ("2003-03-01", "2003-03-06"), "val": ("2003-03-07", "2003-03-09"),
-           "test": ("2003-03-07", "2003-03-09")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def task():
-    from weatherpeft.data.builtin import store_path
-
-    return ForecastingTask(store_path("downstream"), PERIODS, load_pretrained_tiny().stats,
-                           lead_steps=(1,))
 
 
 @pytest.mark.parametrize("method", ["weatherpeft", "tadp", "sfas"])
@@ -68,14 +48,14 @@ def test_the_variable_set_option_shapes_the_prompts():
     assert fewer.parts["tadp"].variables == ("2t", "msl", "z", "t")
 
 
-def test_training_moves_prompts_and_selected_entries_only(task, tmp_path):
+def test_training_moves_prompts_and_selected_entries_only(march_task, tmp_path):
     backbone = load_pretrained_tiny()
     before = {n: p.detach().clone() for n, p in backbone.pretrained_parameters().items()}
     adaptation = apply_method("weatherpeft", backbone, 0.04)
     tadp_before = {n: p.detach().clone() for n, p in adaptation.parts.named_parameters()}
     config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=0, progress=False,
                          out_dir=str(tmp_path / "run"))
-    Trainer(adaptation, task, config, hooks=adaptation.hooks,
+    Trainer(adaptation, march_task, config, hooks=adaptation.hooks,
             param_groups=adaptation.param_groups(config.weight_decay)).fit()
     changed = sum(int((p.detach() != before[n]).sum())
                   for n, p in backbone.pretrained_parameters().items())
