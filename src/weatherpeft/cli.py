@@ -251,9 +251,22 @@ class PretrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Which checkpoint to score on which store, and the climatology's reference period."""
+    """Which model to score on which task and data.
+
+    Without ``adapter`` and ``task``: the backbone checkpoint's forecast skill on ``store``
+    against persistence and climatology (``write_card`` makes its model card). With an
+    ``adapter`` (or a ``task``): the fine-tuned model's test-split scores on its task, with the
+    task's references, written to ``out`` as metrics.json and metrics.md, plus maps of
+    ``map_variable`` for test sample ``map_sample``.
+    """
 
     checkpoint: str = "models/aurora-tiny"
+    adapter: str = ""
+    task: str = ""  # default: the adapter's task
+    data: str = ""  # the task's data (default: its built-in store)
+    out: str = ""
+    map_variable: str = ""
+    map_sample: int = 0
     store: str = ""  # default: the built-in downstream year
     reference_store: str = "data/pretraining/pretraining.zarr"  # climatology from its years
     reference_start: str = "2000-01-01T06:00"
@@ -348,6 +361,8 @@ def cmd_evaluate(args) -> int:
 
     cfg = build_config(EvaluateConfig, args)
     _set_threads(cfg.threads)
+    if cfg.adapter or cfg.task:
+        return _evaluate_on_task(cfg)
     backbone = AuroraBackbone.from_checkpoint(cfg.checkpoint)
     task, references = evaluation_task(cfg, backbone.stats)
     if cfg.write_card:
@@ -415,6 +430,63 @@ def cmd_methods(args) -> int:
             print(f"{'':<14} sized as: {json.dumps(row['resolved'])}")
         print(f"{'':<14} options: {row['options']}")
     return 0
+
+
+def _evaluate_on_task(cfg: EvaluateConfig) -> int:
+    """Test-split scores of a (fine-tuned) model on its task; JSON, Markdown and maps in cfg.out."""
+    import torch
+
+    from weatherpeft.adapters import load_adapter, read_adapter_config
+    from weatherpeft.backbones import backbone_statistics
+    from weatherpeft.finetune import build_task, task_backbone
+    from weatherpeft.results import results_markdown, write_results
+
+    saved = read_adapter_config(cfg.adapter) if cfg.adapter else {}
+    task_name = cfg.task or saved.get("task") or "forecasting"
+    task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data)
+    model = task_backbone(cfg.checkpoint, task)
+    if cfg.adapter:
+        model = load_adapter(cfg.adapter, model)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        scores = task.evaluate(model, task.dataloader("test", cfg.batch_size))
+    seconds = time.perf_counter() - start
+    print(results_markdown(scores))
+    if cfg.out:
+        about = {"task": task_name, "checkpoint": cfg.checkpoint, "adapter": cfg.adapter,
+                 "data": cfg.data or "built-in", "evaluate_seconds": seconds}
+        json_path, _ = write_results(scores, cfg.out, about)
+        print(f"scores written to {json_path} and metrics.md")
+        if cfg.map_variable:
+            print(f"map written to {_write_map(model, task, cfg)}")
+    return 0
+
+
+def _write_map(model, task, cfg: EvaluateConfig) -> Path:
+    """Prediction, truth and error of ``cfg.map_variable`` for test sample ``cfg.map_sample``."""
+    import torch
+
+    from weatherpeft.plots import save_field_maps
+
+    with torch.no_grad():
+        prediction, truth = task.sample_prediction(model, "test", cfg.map_sample)
+    name, _, level = cfg.map_variable.partition("_")
+    if name in prediction.surf_vars:
+        fields = prediction.surf_vars[name][0, -1], truth.surf_vars[name][0, -1]
+    elif name in prediction.atmos_vars and level:
+        levels = list(truth.metadata.atmos_levels)
+        if int(level) not in levels:
+            raise ValueError(f"level {level} not among the task's levels {levels}")
+        index = levels.index(int(level))
+        fields = prediction.atmos_vars[name][0, -1, index], truth.atmos_vars[name][0, -1, index]
+    else:
+        known = list(prediction.surf_vars) + [f"{v}_<level>" for v in prediction.atmos_vars]
+        raise ValueError(f"--map-variable {cfg.map_variable!r} is not predicted; choose from {known}")
+    metadata = truth.metadata
+    path = Path(cfg.out) / f"map_{cfg.map_variable}_sample{cfg.map_sample}.png"
+    return save_field_maps(*fields, metadata.lat, metadata.lon, path,
+                           title=f"{task.name}: {cfg.map_variable} at {metadata.time[0]:%Y-%m-%d %H:%M}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,12 +18,12 @@ import torch
 
 from weatherpeft.adapters import save_adapter
 from weatherpeft.atomic import write_json
-from weatherpeft.backbones import load_backbone
+from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
 from weatherpeft.methods.base import apply_method
 from weatherpeft.tasks.base import Task
 from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
-__all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune"]
+__all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune", "task_backbone"]
 
 #: Forecasting on the built-in downstream year: fine-tune on Jan–Sep, validate Oct–Nov, test Dec.
 FORECASTING_PERIODS = {"train": ("2003-01-01", "2003-09-30T18:00"),
@@ -36,7 +36,7 @@ class FinetuneConfig:
     """What to fine-tune, how, and on which task.
 
     ``options``: the method's options as a JSON object (``weatherpeft methods`` lists them).
-    ``store``: the task's data (default: the built-in downstream year).
+    ``data``: the task's data (default: its store in the built-in world).
     """
 
     task: str = "forecasting"
@@ -44,7 +44,7 @@ class FinetuneConfig:
     method: str = "weatherpeft"
     budget: float = 0.003
     options: str = "{}"
-    store: str = ""
+    data: str = ""
     evaluate: bool = True
     threads: int = 1
 
@@ -62,15 +62,24 @@ def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def build_task(name: str, stats: Any, store: str = "") -> Task:
-    """The task ``name`` on ``store`` (default: its built-in data), normalised with ``stats``."""
+def build_task(name: str, stats: Any, data: str = "") -> Task:
+    """The task ``name`` on ``data`` (default: its built-in store), normalised with ``stats``
+    (the backbone's; a task computes its new variables' statistics from its training period)."""
     from weatherpeft.data.builtin import store_path
     from weatherpeft.tasks.forecasting import ForecastingTask
 
     if name == "forecasting":
-        return ForecastingTask(store or store_path("downstream"), FORECASTING_PERIODS, stats,
+        return ForecastingTask(data or store_path("downstream"), FORECASTING_PERIODS, stats,
                                lead_steps=(1,))
     raise ValueError(f"unknown task '{name}'; known: ['forecasting']")
+
+
+def task_backbone(path: str, task: Task) -> Backbone:
+    """The backbone checkpoint at ``path`` with heads for the task's new variables and the task's
+    statistics (which extend the backbone's)."""
+    variables = task.variables
+    return load_backbone(path, extra_surf_vars=variables.new_surf_vars,
+                         extra_atmos_vars=variables.new_atmos_vars, stats=task.stats)
 
 
 def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -79,8 +88,8 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
         torch.set_num_threads(config.threads)
     options = parse_options(config.options)
     seed_everything(train.seed)
-    backbone = load_backbone(config.backbone)
-    task = build_task(config.task, backbone.stats, config.store)
+    task = build_task(config.task, backbone_statistics(config.backbone), config.data)
+    backbone = task_backbone(config.backbone, task)
     adaptation = apply_method(config.method, backbone, config.budget, options)
     trainer = Trainer(adaptation, task, train, hooks=adaptation.hooks,
                       param_groups=adaptation.param_groups(train.weight_decay))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from weatherpeft.backbones.aurora import AURORA_PRESETS, ERA5_LEVELS, AuroraBackbone, AuroraPreset
 from weatherpeft.backbones.base import Backbone, LoadReport
+from weatherpeft.data.stats import NormalisationStats
 
 __all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "AuroraBackbone", "AuroraPreset", "Backbone",
-           "LoadReport", "load_backbone"]
+           "LoadReport", "backbone_statistics", "load_backbone"]
 
 
 def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
@@ -22,3 +23,11 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
     if kind in AURORA_PRESETS:
         return AuroraBackbone.from_checkpoint(path, **kwargs)
     raise ValueError(f"{config_path}: unknown backbone preset {kind!r}; known: {sorted(AURORA_PRESETS)}")
+
+
+def backbone_statistics(path: str | os.PathLike) -> NormalisationStats:
+    """The normalisation statistics saved with a backbone checkpoint folder (without loading it)."""
+    stats_path = Path(path) / "normalisation.json"
+    if not stats_path.is_file():
+        raise FileNotFoundError(f"{path} is not a backbone checkpoint folder (no normalisation.json)")
+    return NormalisationStats.load(stats_path)

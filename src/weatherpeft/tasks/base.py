@@ -99,6 +99,19 @@ class Task(abc.ABC):
         inputs, target = batch
         return self.loss(model(inputs), target)
 
+    def sample_prediction(self, model: torch.nn.Module, split: str,
+                          index: int) -> tuple[Batch, Batch]:
+        """(prediction, truth) for sample ``index`` of ``split``, batch of one (for maps).
+
+        Truth and prediction hold the fields at the verifying time as their last time step.
+        """
+        dataset = self.datasets()[split]
+        if not 0 <= index < len(dataset):
+            raise IndexError(f"task '{self.name}' has {len(dataset)} {split} samples; no index {index}")
+        inputs, target = self.collate([dataset[index]])
+        device = next(model.parameters()).device
+        return model(inputs.to(device)), target
+
     def dataloader(self, split: str, batch_size: int, *, num_workers: int = 0) -> DataLoader:
         """A sequential (unshuffled, all samples kept) loader over ``split``, for evaluation."""
         splits = self.datasets()

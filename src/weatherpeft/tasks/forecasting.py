@@ -532,6 +532,16 @@ class ForecastingTask(Task):
             model.train(was_training)
         return self._results(sums, counts)
 
+    def sample_prediction(self, model: torch.nn.Module, split: str,
+                          index: int) -> tuple[Batch, Batch]:
+        """(one-step prediction, truth 6 h later) for sample ``index`` of ``split``."""
+        dataset = self.datasets()[split]
+        if not 0 <= index < len(dataset):
+            raise IndexError(f"task '{self.name}' has {len(dataset)} {split} samples; no index {index}")
+        inputs, truth = self.collate([dataset[index]])
+        prediction = model(inputs.to(_module_device(model)))
+        return prediction, _time_slice(truth, 0)
+
     # -- helpers ------------------------------------------------------------------------
 
     def climatology(self) -> Climatology:
