@@ -64,6 +64,33 @@ STORE_NAMES: dict[str, str] = {
     "lat": "latitude",
     "lon": "longitude",
     "valid_time": "time",
+    # More ERA5/ECMWF short names (cfgrib and CDS) and CDO's ``-t ecmwf`` upper-case ones;
+    # used by data/readers.py too (WeatherBench 1, ENS-10).
+    "sp": "surface_pressure",
+    "r": "relative_humidity",
+    "w": "vertical_velocity",
+    "d": "divergence",
+    "vo": "vorticity",
+    "pv": "potential_vorticity",
+    "tcc": "total_cloud_cover",
+    "tisr": "toa_incident_solar_radiation",
+    "tcw": "total_column_water",
+    "tcwv": "total_column_water_vapour",
+    "sst": "sea_surface_temperature",
+    "skt": "skin_temperature",
+    "slt": "soil_type",
+    "T2M": "2m_temperature",
+    "U10M": "10m_u_component_of_wind",
+    "V10M": "10m_v_component_of_wind",
+    "MSL": "mean_sea_level_pressure",
+    "Z": "geopotential",
+    "T": "temperature",
+    "U": "u_component_of_wind",
+    "V": "v_component_of_wind",
+    "Q": "specific_humidity",
+    "W": "vertical_velocity",
+    "D": "divergence",
+    "LSM": "land_sea_mask",
 }
 
 #: Canonical WeatherBench2 names → Aurora's variable names in a ``Batch``.
@@ -104,12 +131,20 @@ def _looks_like_netcdf(path: Path) -> bool:
     return magic[:3] == b"CDF" or magic == b"\x89HDF\r\n\x1a\n"
 
 
-def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> xr.Dataset:
+def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, *,
+               storage_options: Mapping | None = None) -> xr.Dataset:
     """Open a local WB2-layout zarr directory or netCDF file lazily, in canonical form.
 
     ``names`` adds to (and overrides) :data:`STORE_NAMES`. Nothing is read but metadata and
-    coordinates; see :func:`canonicalise` for what is changed.
+    coordinates; see :func:`canonicalise` for what is changed. fsspec URLs (with
+    ``storage_options``), WeatherBench (1) directories and ENS-10-style ensemble netCDF are
+    opened by :mod:`weatherpeft.data.readers`.
     """
+    from weatherpeft.data import readers  # imports this module: resolved at call time
+
+    special = readers.open_special(path, names, storage_options=storage_options)
+    if special is not None:
+        return special
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"store not found: {path}")
