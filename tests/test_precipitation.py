@@ -1,0 +1,241 @@
+"""The regional precipitation task: region, leads, the tp task head, the loss, SEEPS/ACC/RMSE."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from aurora import Batch
+
+from conftest import load_pretrained_tiny, make_world
+from weatherpeft.data.builtin import store_path
+from weatherpeft.data.wb2 import collate_batches, open_store
+from weatherpeft.methods.base import apply_method
+from weatherpeft.metrics import acc, rmse, seeps
+from weatherpeft.tasks.precipitation import DEFAULT_REGION, PrecipitationTask, signed_log
+from weatherpeft.train import TrainConfig, Trainer
+
+PERIODS = {"train": ("2003-03-01", "2003-03-06T18"), "val": ("2003-03-07", "2003-03-08T18"),
+           "test": ("2003-03-09", "2003-03-12T18")}
+LEADS = ("12h", "24h", "36h")
+
+
+@pytest.fixture(scope="module")
+def pretrained_stats():
+    return load_pretrained_tiny().stats
+
+
+@pytest.fixture(scope="module")
+def task(pretrained_stats):
+    return PrecipitationTask(store_path("regional"), PERIODS, pretrained_stats)
+
+
+@pytest.fixture(scope="module")
+def region_tp():
+    """The store's tp over the default region, (time, lat decreasing, lon), in metres."""
+    ds = open_store(store_path("regional"))
+    south, north, west, east = DEFAULT_REGION
+    tp = ds["total_precipitation_6hr"].sel(latitude=slice(south, north), longitude=slice(west, east))
+    return tp.transpose("time", "latitude", "longitude").isel(latitude=slice(None, None, -1)).load()
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true state 6 h after the input's last time (a perfect 6-h model)."""
+
+    def __init__(self, windows):
+        super().__init__()
+        self.states: dict[datetime, Batch] = {}
+        for index in range(len(windows)):
+            inputs, truth = windows[index]
+            start = inputs.metadata.time[0]
+            for step in range(truth.surf_vars["tp"].shape[1]):
+                self.states[start + (step + 1) * timedelta(hours=6)] = dataclasses.replace(
+                    truth, surf_vars={k: v[:, step:step + 1] for k, v in truth.surf_vars.items()},
+                    atmos_vars={k: v[:, step:step + 1] for k, v in truth.atmos_vars.items()})
+
+    def forward(self, batch: Batch) -> Batch:
+        wanted = [t + timedelta(hours=6) for t in batch.metadata.time]
+        return collate_batches([(self.states[t], self.states[t]) for t in wanted])[0]
+
+
+# -- construction --------------------------------------------------------------------------------
+
+
+def test_default_region_is_a_16_by_20_crop_of_the_regional_store(task, region_tp):
+    lat, lon = task.grid
+    assert (len(lat), len(lon)) == (16, 20)
+    assert np.all(np.diff(lat) < 0) and 5 <= lat.min() and lat.max() <= 50
+    np.testing.assert_allclose(lat, region_tp.latitude.values)
+    assert lon.min() == pytest.approx(70.3125) and lon.max() == pytest.approx(123.75)
+    variables = task.variables
+    assert variables.surf_vars == ("2t", "10u", "10v", "msl", "tp")
+    assert variables.new_surf_vars == ("tp",) and variables.new_atmos_vars == ()
+    assert task.lead_hours == (12, 24, 36) and task.lead_steps == (2, 4, 6)
+
+
+def test_samples_hold_the_current_state_and_the_truth_at_each_step(task, region_tp):
+    splits = task.datasets()
+    inputs, truth = splits["train"][0]
+    assert inputs.surf_vars["tp"].shape == (1, 2, 16, 20)
+    assert truth.surf_vars["tp"].shape == (1, 2, 16, 20)  # train_steps = 2: +6 h and +12 h
+    assert inputs.atmos_vars["q"].shape == (1, 2, 2, 16, 20) and inputs.static_vars["lsm"].shape == (16, 20)
+    start = datetime(2003, 3, 1, 6)
+    assert inputs.metadata.time == (start,)
+    expected = region_tp.sel(time=[start, start + timedelta(hours=6), start + timedelta(hours=12)]).values
+    np.testing.assert_allclose(inputs.surf_vars["tp"][0, -1].numpy(), expected[0])
+    np.testing.assert_allclose(truth.surf_vars["tp"][0].numpy(), expected[1:])
+    test_inputs, test_truth = splits["test"][0]
+    assert test_truth.surf_vars["tp"].shape[1] == 6  # up to 36 h
+    assert len(splits["test"]) == 16 - 2 - 6 + 1
+
+
+def test_statistics_keep_the_backbones_and_measure_tp_on_the_training_period(task, pretrained_stats,
+                                                                              region_tp):
+    assert task.stats.locations["2t"] == pretrained_stats.locations["2t"]
+    assert "tp" not in pretrained_stats.locations
+    train = region_tp.sel(time=slice(*PERIODS["train"])).values.astype(np.float64)
+    weights = np.cos(np.radians(region_tp.latitude.values))[:, None]
+    weights = weights / weights.mean()
+    mean = (train * weights).mean()
+    assert task.stats.locations["tp"] == pytest.approx(mean, rel=1e-3)
+    assert task.stats.scales["tp"] > 0
+
+
+def test_climatology_comes_from_the_training_period(task, region_tp):
+    climatology = task.climatology()
+    train = region_tp.sel(time=slice(*PERIODS["train"]))
+    at_six = train.sel(time=train.time.dt.hour == 6).mean("time").values * 1000
+    np.testing.assert_allclose(climatology.by_hour[6].numpy(), at_six, rtol=1e-5)
+    assert sorted(climatology.by_hour) == [0, 6, 12, 18]
+    forecast = climatology.forecast([datetime(2003, 12, 24, 6), datetime(2003, 12, 24, 3)])
+    assert torch.equal(forecast[0], climatology.by_hour[6])
+    assert torch.equal(forecast[1], climatology.mean)  # an hour the period lacks
+    dry = (train.values < 1e-4).mean(axis=0)
+    np.testing.assert_allclose(climatology.dry_fraction.numpy(), dry, rtol=1e-6)
+
+
+def test_clear_errors_for_bad_regions_and_a_store_without_precipitation(pretrained_stats):
+    regional = store_path("regional")
+    with pytest.raises(ValueError, match="lies outside store .*regional"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, region=(-40, -10, 0, 50))
+    with pytest.raises(ValueError, match="patch size 4"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, region=(5, 55, 70, 125))  # 17 rows
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, lead_hours=(12, 15))
+    dry_world = make_world(n_times=12).drop_vars("total_precipitation_6hr")
+    with pytest.raises(ValueError, match="needs 'total_precipitation_6hr'"):
+        PrecipitationTask(dry_world, PERIODS, pretrained_stats)
+    with pytest.raises(ValueError, match="unknown variables \\['rain'\\]"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, variable_weights={"rain": 2})
+
+
+# -- loss --------------------------------------------------------------------------------------
+
+
+def test_loss_is_zero_when_perfect_and_weights_precipitation_up(task):
+    _, truth = collate_batches([task.datasets()["train"][i] for i in range(2)])
+    target = dataclasses.replace(truth, surf_vars={k: v[:, :1] for k, v in truth.surf_vars.items()},
+                                 atmos_vars={k: v[:, :1] for k, v in truth.atmos_vars.items()})
+    assert task.loss(target, target).item() == 0.0
+    # One σ off in 2t only: weights 4 surface + 5 atmospheric variables at 1, tp at 5 → 1/14.
+    off = dataclasses.replace(target, surf_vars={**target.surf_vars,
+                                                 "2t": target.surf_vars["2t"] + task.stats.scales["2t"]})
+    assert task.loss(off, target).item() == pytest.approx(1 / 14, rel=1e-4)
+    # Precipitation alone with the linear loss: one σ off everywhere → exactly 1.
+    linear = PrecipitationTask(store_path("regional"), PERIODS, task.stats, tp_loss="mse",
+                               variable_weights={v: 0.0 for v in task.variables.surf_vars[:4]
+                                                 + task.variables.atmos_vars})
+    wet = dataclasses.replace(target, surf_vars={**target.surf_vars,
+                                                 "tp": target.surf_vars["tp"] + task.stats.scales["tp"]})
+    assert linear.loss(wet, target).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_the_log_loss_counts_a_dry_error_more_than_the_same_error_in_heavy_rain(task):
+    base = torch.zeros(1, 1, 16, 20)
+    surf = {name: torch.zeros(1, 1, 16, 20) for name in task.variables.surf_vars}
+    metadata = task.datasets()["train"][0][1].metadata
+    def batch(tp):
+        return Batch(surf_vars={**surf, "tp": tp}, static_vars={}, atmos_vars={}, metadata=metadata)
+    only_tp = PrecipitationTask(store_path("regional"), PERIODS, task.stats, atmos_vars=(),
+                                variable_weights={v: 0.0 for v in ("2t", "10u", "10v", "msl")})
+    millimetre = 1e-3
+    dry_error = only_tp.loss(batch(base + millimetre), batch(base)).item()
+    heavy_error = only_tp.loss(batch(base + 21 * millimetre), batch(base + 20 * millimetre)).item()
+    assert dry_error > 50 * heavy_error > 0
+    # A negative prediction is penalised symmetrically, not cut off.
+    assert only_tp.loss(batch(base - millimetre), batch(base)).item() == pytest.approx(dry_error)
+    assert signed_log(torch.tensor([-1.0, 0.0, 1.0]), 1.0).tolist() == pytest.approx(
+        [-math.log(2), 0.0, math.log(2)])
+
+
+def test_training_loss_rolls_out_and_is_zero_for_a_perfect_model(task):
+    windows = task.datasets()["train"]
+    batch = collate_batches([windows[i] for i in range(3)])
+    assert task.training_loss(Oracle(windows), batch).item() == 0.0
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def test_a_perfect_model_scores_perfectly_and_references_are_scored_right(task):
+    windows = task.datasets()["test"]
+    scores = task.evaluate(Oracle(windows), task.dataloader("test", batch_size=4))
+    for lead in LEADS:
+        assert scores[f"model/seeps/tp/{lead}"] == 0.0
+        assert scores[f"model/rmse/tp/{lead}"] == 0.0
+        assert scores[f"model/acc/tp/{lead}"] == pytest.approx(1.0)
+    inputs, truth = collate_batches([windows[i] for i in range(len(windows))])
+    lat = inputs.metadata.lat
+    persistence = inputs.surf_vars["tp"][:, -1] * 1000
+    observed = truth.surf_vars["tp"][:, 1] * 1000  # 12 h = 2 steps
+    assert scores["persistence/rmse/tp/12h"] == pytest.approx(float(rmse(persistence, observed, lat)), rel=1e-5)
+    climatology = task.climatology()
+    valid = [t + timedelta(hours=12) for t in inputs.metadata.time]
+    normal = climatology.forecast(valid)
+    assert scores["persistence/acc/tp/12h"] == pytest.approx(
+        float(acc(persistence, observed, normal, lat)), rel=1e-5)
+    expected = seeps(persistence / 1000, observed / 1000, climatology.dry_fraction,
+                     climatology.wet_threshold, lat, dry_threshold=0.1)
+    assert scores["persistence/seeps/tp/12h"] == pytest.approx(float(expected), rel=1e-5)
+    assert scores["climatology/rmse/tp/12h"] == pytest.approx(float(rmse(normal, observed, lat)), rel=1e-5)
+    assert "climatology/acc/tp/12h" not in scores
+
+
+def test_aurora_tiny_runs_on_the_region_and_frozen_trains_only_the_tp_head(task, tmp_path):
+    backbone = load_pretrained_tiny(extra_surf_vars=task.variables.new_surf_vars, stats=task.stats)
+    head = backbone.task_head_parameters()
+    assert head and all(".tp" in name for name in head)
+    adaptation = apply_method("frozen", backbone, 1.0)
+    trainable = {name for name, p in adaptation.named_parameters() if p.requires_grad}
+    assert trainable and all(".tp" in name for name in trainable)
+    before = {name: p.detach().clone() for name, p in adaptation.named_parameters()}
+    trainer = Trainer(adaptation, task, TrainConfig(steps=2, batch_size=2, lr=1e-3, log_every=0,
+                                                    progress=False, out_dir=str(tmp_path)),
+                      hooks=adaptation.hooks, param_groups=adaptation.param_groups(0.05))
+    trainer.fit()
+    moved = {name for name, p in adaptation.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and moved <= trainable
+    scores = trainer.evaluate(split="test", batch_size=8)
+    expected = {f"{source}/{metric}/tp/{lead}" for lead in LEADS
+                for source, metrics in (("model", ("seeps", "acc", "rmse")),
+                                        ("persistence", ("seeps", "acc", "rmse")),
+                                        ("climatology", ("seeps", "rmse")))
+                for metric in metrics}
+    assert set(scores) == expected
+    assert all(math.isfinite(v) for v in scores.values())
+    assert list(scores)[:3] == ["model/seeps/tp/12h", "model/acc/tp/12h", "model/rmse/tp/12h"]
+    # The val pairs (12 h of truth) are scored at the leads they reach.
+    assert set(task.evaluate(adaptation, task.dataloader("val", 4))) == {
+        k for k in expected if k.endswith("/12h")}
+
+
+def test_default_periods_and_store_are_the_built_in_year():
+    task = PrecipitationTask(region=None, stats=None, in_memory=False)
+    assert task.periods["test"] == ("2003-12-01T00:00:00", "2003-12-31T18:00:00")
+    assert pd.Timestamp(task.periods["train"][1]).month == 9
+    assert task.grid[0].shape == (20,)  # the whole store; aurora-tiny needs the default crop
