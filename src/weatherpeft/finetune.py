@@ -16,27 +16,23 @@ from typing import Any
 
 import torch
 
+from weatherpeft import distributed
 from weatherpeft.adapters import save_adapter
 from weatherpeft.atomic import write_json
 from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
 from weatherpeft.methods.base import apply_method
-from weatherpeft.tasks.base import Task
+from weatherpeft.tasks import Task, build_task
 from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
 __all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune", "task_backbone"]
-
-#: Forecasting on the built-in downstream year: fine-tune on Jan–Sep, validate Oct–Nov, test Dec.
-FORECASTING_PERIODS = {"train": ("2003-01-01", "2003-09-30T18:00"),
-                       "val": ("2003-10-01", "2003-11-30T18:00"),
-                       "test": ("2003-12-01", "2003-12-31T18:00")}
-
 
 @dataclass
 class FinetuneConfig:
     """What to fine-tune, how, and on which task.
 
     ``options``: the method's options as a JSON object (``weatherpeft methods`` lists them).
-    ``data``: the task's data (default: its store in the built-in world).
+    ``data``: the task's data (default: its store in the built-in world; post-processing takes
+    ``ENSEMBLE,TRUTH``, the ensemble store and the analysis store that verifies it).
     """
 
     task: str = "forecasting"
@@ -62,18 +58,6 @@ def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def build_task(name: str, stats: Any, data: str = "") -> Task:
-    """The task ``name`` on ``data`` (default: its built-in store), normalised with ``stats``
-    (the backbone's; a task computes its new variables' statistics from its training period)."""
-    from weatherpeft.data.builtin import store_path
-    from weatherpeft.tasks.forecasting import ForecastingTask
-
-    if name == "forecasting":
-        return ForecastingTask(data or store_path("downstream"), FORECASTING_PERIODS, stats,
-                               lead_steps=(1,))
-    raise ValueError(f"unknown task '{name}'; known: ['forecasting']")
-
-
 def task_backbone(path: str, task: Task) -> Backbone:
     """The backbone checkpoint at ``path`` with heads for the task's new variables and the task's
     statistics (which extend the backbone's)."""
@@ -97,17 +81,18 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     summary = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     out = Path(train.out_dir)
-    adapter = save_adapter(adaptation, out / "adapter",
-                           extra={"task": config.task, "train": train.to_dict()})
-    result: dict[str, Any] = {
-        "finetune": asdict(config),
-        "report": adaptation.report().as_dict(),
-        "adapter_bytes": (adapter / "adapter.safetensors").stat().st_size,
-        "fit": summary,
-        "fit_seconds": seconds,
-    }
+    # Distributed: rank 0 writes; under FSDP from an unsharded copy (gathering is collective).
+    saved = distributed.consolidated_copy(adaptation, lambda: apply_method(
+        config.method, task_backbone(config.backbone, task), config.budget, options))
+    result: dict[str, Any] = {"finetune": asdict(config), "fit": summary, "fit_seconds": seconds}
+    if distributed.is_main():
+        adapter = save_adapter(saved, out / "adapter",
+                               extra={"task": config.task, "train": train.to_dict()})
+        result.update(report=saved.report().as_dict(),
+                      adapter_bytes=(adapter / "adapter.safetensors").stat().st_size)
     if config.evaluate:
         result["val_loss"] = trainer.validate()
         result["test"] = trainer.evaluate(split="test")
-    write_json(out / "result.json", result)
+    if distributed.is_main():
+        write_json(out / "result.json", result)
     return result

@@ -78,7 +78,7 @@ def latitude_weights(lat: torch.Tensor | np.ndarray | Sequence[float],
     polar cap rather than zero. The weights follow ``lat``'s order. Reference: WeatherBench2
     ``get_lat_weights`` (cell area from latitude).
     """
-    values = torch.as_tensor(np.asarray(lat, dtype=np.float64) if not isinstance(lat, torch.Tensor)
+    values = torch.as_tensor(np.array(lat, dtype=np.float64) if not isinstance(lat, torch.Tensor)
                              else lat.detach().cpu().to(torch.float64))
     if values.ndim != 1 or values.numel() == 0:
         raise ValueError(f"latitudes must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")

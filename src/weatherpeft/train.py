@@ -13,6 +13,17 @@ position in the data is two integers (epoch, batches consumed) that a checkpoint
 with every RNG state. Validation and evaluation run under a forked RNG, so they never
 change the training trajectory. On CPU, N steps straight and N/2 + resume + N/2 give
 bit-identical weights.
+
+Distributed (``TrainConfig.strategy`` "ddp" or "fsdp", launched by torchrun; see
+:mod:`weatherpeft.distributed`): ``batch_size`` is per rank, so the global batch is
+``batch_size × world size``. Every rank draws the same epoch permutation and takes its
+contiguous slice of each global batch — the global batch is exactly the single-process
+batch of ``batch_size × world`` samples, and resume stays exact (the data position counts
+global batches). Losses and validation are reduced over ranks; only rank 0 logs, shows
+progress and writes metric files and checkpoints. Hooks get the Trainer, whose ``model`` is
+the unwrapped module (the DDP wrapper is ``trainer.wrapped``; FSDP shards ``model`` in place,
+so its parameters are then DTensors). FSDP checkpoints hold the full (gathered) weights and
+optimizer state plus each rank's hook state, and resume under FSDP with the same world size.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from aurora import Batch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from weatherpeft import distributed
 from weatherpeft.atomic import torch_save, write_text
 from weatherpeft.tasks.base import Task
 
@@ -77,8 +89,10 @@ class TrainConfig:
     warms up linearly over ``warmup_steps`` then decays with a cosine to ``lr ×
     min_lr_ratio``. ``grad_clip`` is a max global norm (0 = off). ``val_every``,
     ``checkpoint_every`` and ``log_every`` are in steps (0 = never; a final checkpoint is
-    always written). ``amp="bf16"`` autocasts on CUDA and is a no-op on CPU. ``device``
-    "auto" picks CUDA when available.
+    always written). ``amp="bf16"`` autocasts on CUDA and is a no-op on CPU (under FSDP it
+    also keeps parameters in bf16 for compute). ``device`` "auto" picks CUDA when available
+    (the rank's own GPU under torchrun). ``strategy``: "none" | "ddp" | "fsdp" (multi-process
+    under torchrun; ``batch_size`` is then per rank, see the module doc).
     """
 
     steps: int = 1000
@@ -103,6 +117,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"
     progress: bool = True
+    strategy: str = "none"
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "accumulation_steps", "val_batches", "keep_checkpoints")
@@ -122,6 +137,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must hold two values, got {self.betas}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"TrainConfig.amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ValueError(f"TrainConfig.strategy must be one of {distributed.STRATEGIES}, "
+                             f"got {self.strategy!r}")
         self.out_dir = str(self.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +163,10 @@ class TrainerHook(Protocol):
     scheduler. ``step`` is the 0-based index of this optimizer step (``trainer.step`` is the
     number of completed steps). ``state_dict()``/``load_state_dict()`` make the hook's state
     part of checkpoints; it must hold only tensors and plain Python values.
+    ``rebind_parameters(mapping)``: under FSDP, once, when the Trainer is built — sharding
+    replaced the model's parameters by new DTensor objects, ``mapping`` is id(old) → new; a
+    hook holding parameters must follow them, or raise if it cannot work on shards.
+    Under DDP, gradients seen by hooks are already averaged over ranks.
     """
 
 
@@ -327,7 +349,15 @@ class Trainer:
                  param_groups: Sequence[Mapping[str, Any]] | None = None):
         self.config = config
         self.task = task
+        self.strategy = config.strategy
         self.device = _resolve_device(config.device)
+        if self.strategy != "none" and not distributed.init(self.device):
+            log.warning("strategy '%s' without torchrun: training in this one process", self.strategy)
+            self.strategy = "none"
+        elif self.strategy == "none" and distributed.launched():
+            raise ValueError(f"launched as {os.environ.get('WORLD_SIZE')} processes but "
+                             "TrainConfig.strategy is 'none': choose 'ddp' or 'fsdp'")
+        self.device = distributed.device_for_rank(self.device)
         self.model = model.to(self.device)
         self.hooks = list(hooks)
         self.out_dir = Path(config.out_dir)
@@ -343,6 +373,8 @@ class Trainer:
                             "configure_activation_checkpointing(); ignored", type(model).__name__)
         groups = default_param_groups(model, config.weight_decay) if param_groups is None \
             else _only_trainable(param_groups)
+        #: What forward and backward run through: the DDP wrapper, else ``model`` itself.
+        self.wrapped = self._wrap(groups)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -359,6 +391,41 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self.last_val_loss: float | None = None
         self.last_lr: float = self.optimizer.param_groups[0]["lr"]
+
+    # -- distribution -------------------------------------------------------------------
+
+    def _wrap(self, groups: list[dict[str, Any]]) -> torch.nn.Module:
+        """Wrap for the strategy; under FSDP, point ``groups`` and hooks at the new DTensors."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        wrapped = distributed.wrap_model(self.model, self.strategy, self.device,
+                                         mixed_precision=self.config.amp == "bf16")
+        if self.strategy == "fsdp":
+            live = dict(self.model.named_parameters())
+            mapping = {old: live[name] for old, name in names.items()}
+            for group in groups:
+                group["params"] = [mapping[id(p)] for p in group["params"]]
+            for hook in self.hooks:
+                if hasattr(hook, "rebind_parameters"):
+                    hook.rebind_parameters(mapping)
+        return wrapped
+
+    @property
+    def world_size(self) -> int:
+        """Processes training this model together (1 unless strategy is ddp or fsdp)."""
+        return distributed.world_size() if self.strategy != "none" else 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and writes files: rank 0, or a process training alone."""
+        return self.world_size == 1 or distributed.is_main()
+
+    def _gradient_sync(self, enabled: bool) -> AbstractContextManager:
+        """Skip the gradient reduction of all but the last micro-batch of a step."""
+        if enabled or self.strategy == "none":
+            return nullcontext()
+        if self.strategy == "ddp":
+            return self.wrapped.no_sync()
+        return _fsdp_no_sync(self.model)
 
     # -- contexts -----------------------------------------------------------------------
 
@@ -377,19 +444,24 @@ class Trainer:
     def _train_batches(self, dataset: Dataset) -> Iterator[Any]:
         """Collated training batches from the current (epoch, batch_in_epoch), forever."""
         cfg = self.config
-        n_batches = len(dataset) // cfg.batch_size
+        world, rank = self.world_size, distributed.rank() if self.world_size > 1 else 0
+        global_batch = cfg.batch_size * world
+        n_batches = len(dataset) // global_batch
         if n_batches == 0:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than "
-                             f"batch_size {cfg.batch_size}")
+                             f"batch_size {cfg.batch_size}" + (f" × {world} ranks" if world > 1 else ""))
         while True:
             order = epoch_permutation(len(dataset), cfg.seed, self.epoch).tolist()
-            batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            # Every rank: its contiguous slice of each global batch of the same permutation.
+            batches = [order[i * global_batch + rank * cfg.batch_size:
+                             i * global_batch + (rank + 1) * cfg.batch_size]
                        for i in range(self.batch_in_epoch, n_batches)]
             # Its own generator: creating the loader's iterator must not draw from the
             # global RNG (a resumed run creates one mid-epoch, an uninterrupted one not).
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.task.collate,
                                 num_workers=cfg.num_workers,
-                                generator=_generator(cfg.seed, self.epoch, 1),
+                                generator=_generator(cfg.seed, self.epoch, 1,
+                                                     *((rank,) if world > 1 else ())),
                                 worker_init_fn=_seed_worker if cfg.num_workers else None)
             for batch in loader:
                 self.batch_in_epoch += 1
@@ -407,12 +479,15 @@ class Trainer:
         cfg = self.config
         self.model.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.accumulation_steps):
+        for micro in range(cfg.accumulation_steps):
             batch = move_to(next(batches), self.device)
-            with self.autocast():
-                loss = self.task.training_loss(self.model, batch)
-            (loss / cfg.accumulation_steps).backward()
+            with self._gradient_sync(micro == cfg.accumulation_steps - 1):
+                with self.autocast():
+                    loss = self.task.training_loss(self.wrapped, batch)
+                (loss / cfg.accumulation_steps).backward()
             total += loss.detach().float()
+        if self.world_size > 1:  # the mean over ranks: the loss of the global batch
+            total = distributed.all_reduce(total, "mean")
         loss_value = float(total) / cfg.accumulation_steps
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {self.step}")
@@ -425,7 +500,7 @@ class Trainer:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads \
                 else torch.zeros(())
-        grad_norm = float(norm)
+        grad_norm = float(norm.full_tensor() if distributed.is_dtensor(norm) else norm)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}")
         step = self.step
@@ -452,11 +527,13 @@ class Trainer:
         Returns the last logged values (step, loss, val_loss, …).
         """
         cfg = self.config
+        main = self.is_main
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = latest_checkpoint(self.out_dir) if resume else None
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
-            self._truncate_metrics(self.step)
+            if main:
+                self._truncate_metrics(self.step)
             log.info("resumed from %s at step %d", checkpoint, self.step)
         else:
             if _checkpoints(self.out_dir):
@@ -466,9 +543,12 @@ class Trainer:
             if resume:
                 log.info("no checkpoint in %s: starting from scratch", self.out_dir)
             seed_everything(cfg.seed)
-            (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
-            with open(self.out_dir / "config.json", "w") as stream:
-                json.dump(cfg.to_dict(), stream, indent=1)
+            if main:
+                (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+                with open(self.out_dir / "config.json", "w") as stream:
+                    json.dump({**cfg.to_dict(), "world_size": self.world_size}, stream, indent=1)
+        if self.world_size > 1:
+            distributed.barrier()  # every rank has read the folder before rank 0 writes to it
         for hook in self.hooks:
             if hasattr(hook, "on_fit_start"):
                 hook.on_fit_start(self)
@@ -478,9 +558,9 @@ class Trainer:
         if self.step >= target:
             return summary
         batches = self._train_batches(self.task.datasets()["train"])
-        samples_per_step = cfg.batch_size * cfg.accumulation_steps
+        samples_per_step = cfg.batch_size * cfg.accumulation_steps * self.world_size
         progress = tqdm(total=target, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=not (cfg.progress and sys.stderr.isatty()))
+                        disable=not (cfg.progress and main and sys.stderr.isatty()))
         window_losses: list[float] = []
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
@@ -503,7 +583,8 @@ class Trainer:
                     record["val_loss"] = self.validate()
                 if record:
                     record = {"step": self.step, "epoch": self.epoch, **record}
-                    self._log(record)
+                    if main:
+                        self._log(record)
                     summary.update(record)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
                         or self.step == target:
@@ -522,8 +603,11 @@ class Trainer:
         training trajectory does not depend on how often validation runs.
         """
         limit = self.config.val_batches if batches is None else batches
-        loader = self.task.dataloader("val", self.config.batch_size,
-                                      num_workers=self.config.num_workers)
+        if self.world_size > 1:
+            loader = self._distributed_val_loader(limit)
+        else:
+            loader = self.task.dataloader("val", self.config.batch_size,
+                                          num_workers=self.config.num_workers)
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
@@ -536,19 +620,42 @@ class Trainer:
                     size = _batch_size(batch)
                     with self.autocast():
                         loss = self.task.training_loss(self.model, batch)
+                    if self.world_size > 1 and index in self._val_padding:
+                        size = 0  # a stand-in batch: FSDP needs every rank to run a forward
                     total += float(loss) * size
                     count += size
         finally:
             self.model.train(was_training)
+        if self.world_size > 1:
+            total, count = (float(v) for v in distributed.all_reduce([total, count]))
         if count == 0:
             raise ValueError("the validation set is empty")
         self.last_val_loss = total / count
         return self.last_val_loss
 
+    def _distributed_val_loader(self, limit: int) -> DataLoader:
+        """This rank's slices of the first ``limit`` global val batches (``batch_size × world``
+        samples each, in order: the single-process batches of that size). A rank whose slice of
+        the last batch is empty gets a stand-in sample weighted 0 (FSDP forwards are collective)."""
+        dataset = self.task.datasets()["val"]
+        size, world, rank = self.config.batch_size, self.world_size, distributed.rank()
+        n_global = min(limit, math.ceil(len(dataset) / (size * world)))
+        batches, self._val_padding = [], set()
+        for g in range(n_global):
+            start = g * size * world + rank * size
+            indices = list(range(start, min(start + size, len(dataset))))
+            if not indices:
+                indices = [g * size * world]
+                self._val_padding.add(g)
+            batches.append(indices)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.task.collate,
+                          num_workers=self.config.num_workers)
+
     def evaluate(self, loader: Any = None, *, split: str = "test",
                  batch_size: int | None = None) -> dict[str, float]:
         """``task.evaluate`` on ``loader`` (default: the task's ``split`` loader), under
-        autocast and no_grad, with the RNG forked."""
+        autocast and no_grad, with the RNG forked. Distributed, every rank evaluates the whole
+        loader (the task's metrics are not sums that could be reduced) and gets the same scores."""
         if loader is None:
             loader = self.task.dataloader(split, batch_size or self.config.batch_size,
                                           num_workers=self.config.num_workers)
@@ -578,7 +685,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------
 
     def _model_state(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
+        state = distributed.full_model_state(self.model)  # FSDP: gathered on rank 0 only
         if not self.config.checkpoint_trainable_only:
             return state
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
@@ -586,7 +693,12 @@ class Trainer:
         return {k: v for k, v in state.items() if k in trainable or k not in parameters}
 
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoints/step_XXXXXXXX.pt`` atomically; prune old ones."""
+        """Write ``out_dir/checkpoints/step_XXXXXXXX.pt`` atomically; prune old ones.
+
+        Distributed: every rank calls this (FSDP gathers the full weights, optimizer state
+        and every rank's hook state), rank 0 writes, and all wait for the file."""
+        hooks = [hook.state_dict() if hasattr(hook, "state_dict") else {} for hook in self.hooks]
+        sharded = self.strategy == "fsdp" and self.world_size > 1
         content = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -594,18 +706,33 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "trainable_only": self.config.checkpoint_trainable_only,
             "model": self._model_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
-            "hooks": [hook.state_dict() if hasattr(hook, "state_dict") else {}
-                      for hook in self.hooks],
+            "hooks": hooks,
             "rng": _rng_state(),
             "config": json.dumps(self.config.to_dict()),
+            "strategy": self.strategy,
+            "world_size": self.world_size,
         }
+        if sharded and any(hooks):  # hook state refers to this rank's shards: keep every rank's
+            content["hooks"] = [{} for _ in self.hooks]
+            content["hooks_by_rank"] = distributed.gather_objects(hooks)
         path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
-        torch_save(path, content)
-        for _, old in _checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        if self.is_main:
+            torch_save(path, content)
+            for _, old in _checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        if self.world_size > 1:
+            distributed.barrier()
         return path
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.strategy != "fsdp":
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, scheduler, hooks, RNG states and data position."""
@@ -617,19 +744,54 @@ class Trainer:
             log.warning("resuming %s with changed settings %s: the run will not match an "
                         "uninterrupted one", path,
                         {k: (saved.get(k), current.get(k)) for k in changed})
-        self.model.load_state_dict(content["model"], strict=not content["trainable_only"])
-        self.optimizer.load_state_dict(content["optimizer"])
+        saved_strategy = content.get("strategy", "none")
+        if (saved_strategy == "fsdp") != (self.strategy == "fsdp"):
+            raise ValueError(f"{path} was written under strategy '{saved_strategy}'; its optimizer "
+                             f"state does not load under '{self.strategy}'")
+        saved_world = int(content.get("world_size", 1))
+        if saved_world != self.world_size:
+            if "hooks_by_rank" in content:
+                raise ValueError(f"{path} holds the per-shard state of {saved_world} FSDP ranks; "
+                                 f"resume it with {saved_world} processes, not {self.world_size}")
+            log.warning("resuming %s, written by %d process(es), with %d: the global batch "
+                        "changes, the run will not match an uninterrupted one", path, saved_world,
+                        self.world_size)
+        distributed.load_full_model_state(self.model, content["model"],
+                                          strict=not content["trainable_only"])
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # strict=False: masked parameters have no AdamW state (their update keeps its own)
+            set_optimizer_state_dict(self.model, self.optimizer, content["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.optimizer.load_state_dict(content["optimizer"])
         self.scheduler.load_state_dict(content["scheduler"])
-        if len(content["hooks"]) != len(self.hooks):
-            raise ValueError(f"{path} holds the state of {len(content['hooks'])} hook(s); "
+        hook_states = content["hooks_by_rank"][distributed.rank()] if "hooks_by_rank" in content \
+            else content["hooks"]
+        if len(hook_states) != len(self.hooks):
+            raise ValueError(f"{path} holds the state of {len(hook_states)} hook(s); "
                              f"this trainer has {len(self.hooks)}")
-        for hook, state in zip(self.hooks, content["hooks"]):
+        for hook, state in zip(self.hooks, hook_states):
             if hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(state)
         _set_rng_state(content["rng"])
         self.step = int(content["step"])
         self.epoch = int(content["epoch"])
         self.batch_in_epoch = int(content["batch_in_epoch"])
+
+
+class _fsdp_no_sync(AbstractContextManager):
+    """FSDP2: no gradient reduce-scatter inside (accumulate locally), back on at exit."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.set_requires_gradient_sync(True)
 
 
 def _batch_size(batch: Any) -> int:

@@ -17,16 +17,32 @@ selected entries: O(k) memory instead of 2 × the parameters. An entry that leav
 selection loses its state; one that (re-)enters starts fresh, as a newly trained entry.
 The union of entries that ever changed is tracked (one byte per entry) — it is what an
 adapter file must store.
+
+Distributed training. Under DDP every rank holds full tensors and identical (all-reduced)
+gradients, so every rank computes the same selection and update; with
+``WEATHERPEFT_CHECK_MASKS=1`` (or ``check_masks = True``) a cheap checksum of every new
+selection is compared across ranks. Under FSDP the parameters are DTensors sharded along
+dim 0: everything here — selection indices, optimizer state, the moved mask — then refers
+to this rank's shard (flat indices into ``to_local()``), and a subclass must select on
+shards (``supports_sharding = True``, as SFAS does); others refuse FSDP when the Trainer
+rebinds them to the sharded parameters (:meth:`MaskedUpdate.rebind_parameters`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from weatherpeft import distributed
+from weatherpeft.distributed import local_tensor
+
 __all__ = ["MaskedUpdate"]
+
+#: Environment switch for the cross-rank selection check (see the module doc).
+CHECK_MASKS_ENV = "WEATHERPEFT_CHECK_MASKS"
 
 
 class MaskedUpdate:
@@ -35,6 +51,11 @@ class MaskedUpdate:
     ``parameters``: name → pretrained parameter (contiguous, floating point).
     ``per_step_entries``: how many entries one selection holds (reported as trainable).
     """
+
+    #: Whether selections can be made on FSDP shards (subclasses that can say so).
+    supports_sharding = False
+    #: Compare a checksum of every new selection across ranks (None: ``$WEATHERPEFT_CHECK_MASKS``).
+    check_masks: bool | None = None
 
     def __init__(self, parameters: Mapping[str, torch.nn.Parameter], per_step_entries: int) -> None:
         for name, parameter in parameters.items():
@@ -56,6 +77,47 @@ class MaskedUpdate:
         self._steps: dict[str, torch.Tensor] = {}
         self._moved: dict[str, torch.Tensor] = {}
         self._moved_count: dict[str, int] = {}
+        self._selections_made = 0
+        self._selections_checked = 0
+
+    # -- distributed training -------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP shards (DTensors)."""
+        return any(distributed.is_dtensor(p) for p in self.parameters.values())
+
+    def rebind_parameters(self, mapping: Mapping[int, torch.nn.Parameter]) -> None:
+        """Follow parameters that FSDP replaced (``mapping``: id(old) → new); refuse shards
+        unless this kind of update can select on them."""
+        rebound = {name: mapping.get(id(p), p) for name, p in self.parameters.items()}
+        if not self.supports_sharding and any(distributed.is_dtensor(p) for p in rebound.values()):
+            raise ValueError(f"{type(self).__name__} chooses its mask on whole tensors and does not "
+                             "support strategy='fsdp'; use strategy='ddp'")
+        self.parameters = rebound
+
+    def selection_checksum(self) -> torch.Tensor:
+        """int64 [entries, Σ position, Σ position² mod p] of the selection, positions counted
+        across the concatenated tensors: equal selections give equal checksums."""
+        modulus = (1 << 31) - 1
+        count = total = squares = 0
+        offset = 0
+        for name, parameter in self.parameters.items():
+            indices = self.selection.get(name)
+            if indices is not None and indices.numel():
+                position = indices.to(torch.int64) + offset
+                count += int(position.numel())
+                total += int(position.sum())
+                squares += int(position.remainder(modulus).square().remainder(modulus).sum())
+            offset += parameter.numel()
+        return torch.tensor([count, total % (1 << 62), squares % (1 << 62)], dtype=torch.int64)
+
+    def _check_across_ranks(self, step: int) -> None:
+        enabled = self.check_masks if self.check_masks is not None \
+            else os.environ.get(CHECK_MASKS_ENV, "") not in ("", "0")
+        if enabled and not self.sharded and distributed.world_size() > 1:
+            distributed.check_identical(self.selection_checksum(),
+                                        f"{type(self).__name__}'s selection at step {step}")
 
     # -- selection ------------------------------------------------------------------------
 
@@ -66,6 +128,7 @@ class MaskedUpdate:
         if unknown:
             raise KeyError(f"selection names unknown parameters: {unknown}")
         for name, parameter in self.parameters.items():
+            parameter = local_tensor(parameter)
             device = parameter.device
             new = selection.get(name)
             new = torch.empty(0, dtype=torch.long, device=device) if new is None \
@@ -84,6 +147,7 @@ class MaskedUpdate:
                 steps[kept] = self._steps[name][position[kept]]
             self.selection[name] = new
             self._exp_avg[name], self._exp_avg_sq[name], self._steps[name] = exp_avg, exp_avg_sq, steps
+        self._selections_made += 1
 
     def selected_entries(self) -> int:
         return sum(int(indices.numel()) for indices in self.selection.values())
@@ -91,7 +155,7 @@ class MaskedUpdate:
     def moved_mask(self, name: str) -> torch.Tensor:
         """Flat bool mask of the entries of ``name`` that have changed so far."""
         if name not in self._moved:
-            parameter = self.parameters[name]
+            parameter = local_tensor(self.parameters[name])
             self._moved[name] = torch.zeros(parameter.numel(), dtype=torch.bool,
                                             device=parameter.device)
             self._moved_count[name] = 0
@@ -122,12 +186,15 @@ class MaskedUpdate:
         self.update_selection(trainer, step)
         if not self.selection:
             raise RuntimeError(f"{type(self).__name__}: no selection was made before step {step}")
+        if self._selections_made != self._selections_checked:  # new since the last step
+            self._check_across_ranks(step)
+            self._selections_checked = self._selections_made
         with torch.no_grad():
             for name, parameter in self.parameters.items():
                 grad = parameter.grad
                 if grad is None:
                     continue
-                flat = grad.view(-1)
+                flat = local_tensor(grad).view(-1)
                 indices = self.selection[name]
                 kept = flat[indices]
                 flat.zero_()
@@ -149,9 +216,9 @@ class MaskedUpdate:
         indices = self.selection[name]
         if not indices.numel():
             return
-        flat = parameter.data.view(-1)
-        grad = parameter.grad.view(-1)[indices] if parameter.grad is not None \
-            else torch.zeros(indices.numel(), dtype=parameter.dtype, device=parameter.device)
+        flat = local_tensor(parameter.detach()).view(-1)
+        grad = local_tensor(parameter.grad).view(-1)[indices] if parameter.grad is not None \
+            else torch.zeros(indices.numel(), dtype=parameter.dtype, device=flat.device)
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         weight_decay = group["weight_decay"]
         old = flat[indices]
@@ -182,11 +249,12 @@ class MaskedUpdate:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.selection = {k: v.to(self.parameters[k].device) for k, v in state["selection"].items()}
+        devices = {name: local_tensor(p).device for name, p in self.parameters.items()}
+        self.selection = {k: v.to(devices[k]) for k, v in state["selection"].items()}
         for target, key in ((self._exp_avg, "exp_avg"), (self._exp_avg_sq, "exp_avg_sq"),
                             (self._steps, "steps")):
             target.clear()
-            target.update({k: v.to(self.parameters[k].device) for k, v in state[key].items()})
+            target.update({k: v.to(devices[k]) for k, v in state[key].items()})
         self._moved.clear()
         self._moved_count.clear()
         for name, indices in state["moved"].items():

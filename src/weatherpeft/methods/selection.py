@@ -36,6 +36,10 @@ entrants at 12 bytes each, and the current block's one-byte mask and entrant ind
 whole block enters (a one-block transient) only before the first cut or where it beats the
 bar everywhere.
 
+:func:`select_top_k_scored` also returns the selected scores: under FSDP each rank selects
+its shard's top k with it and :func:`weatherpeft.distributed.sharded_top_k` merges the
+ranks' (score, position) candidates into the exact global top k.
+
 A radix select on the float bit patterns (histogram of the top 16 key bits, then of the low
 16 in the boundary bin, then collection) is exact and lean too, but needs two or three
 ``scores(i)`` calls per block plus ~4 ns per entry for keys and histograms: more than
@@ -128,13 +132,13 @@ class _Pool:
         self.count = self.k
         self.bar = kth
 
-    def selected(self) -> torch.Tensor:
-        """Global positions of the k best entries, ascending."""
+    def selected(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global positions of the k best entries, ascending, and their scores."""
         if self.count > self.k:
             self.cut()
         if not self.positions:
-            return torch.empty(0, dtype=torch.int64)
-        return torch.cat(self.positions)
+            return torch.empty(0, dtype=torch.int64), torch.empty(0)
+        return torch.cat(self.positions), torch.cat(self.values)
 
 
 def select_top_k(scores: Callable[[int], torch.Tensor], sizes: Sequence[int], k: int) -> list[torch.Tensor]:
@@ -146,6 +150,13 @@ def select_top_k(scores: Callable[[int], torch.Tensor], sizes: Sequence[int], k:
     sort of the concatenated scores). Raises ValueError if k is outside [0, sum(sizes)] or a
     block contains NaN.
     """
+    return select_top_k_scored(scores, sizes, k)[0]
+
+
+def select_top_k_scored(scores: Callable[[int], torch.Tensor], sizes: Sequence[int],
+                        k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`select_top_k` plus the selected entries' scores (one float32 tensor per block,
+    aligned with the indices): what a merge of several ranks' candidates needs."""
     sizes = [int(n) for n in sizes]
     if any(n < 0 for n in sizes):
         raise ValueError(f"block sizes must be non-negative, got {sizes}")
@@ -176,8 +187,9 @@ def select_top_k(scores: Callable[[int], torch.Tensor], sizes: Sequence[int], k:
         devices.append(x.device)
         offset += n
         del x  # the block must be free before the next one is generated
-    positions = pool.selected()
+    positions, values = pool.selected()
     starts = torch.tensor(offsets + [total], dtype=torch.int64, device=positions.device)
     counts = torch.searchsorted(positions, starts).diff().tolist()
-    return [(block - start).to(device)
-            for block, start, device in zip(positions.split(counts), offsets, devices)]
+    indices = [(block - start).to(device)
+               for block, start, device in zip(positions.split(counts), offsets, devices)]
+    return indices, [block.to(device) for block, device in zip(values.split(counts), devices)]

@@ -9,10 +9,19 @@ Every ``refresh_every`` steps (R; R = 1 is the paper's setting):
    total steps: early refreshes explore, the last one is pure Fisher.
 3. Selection: the global top-k of F̃ over every selectable entry, found with
    :func:`~weatherpeft.methods.selection.select_top_k` in a few O(N) passes (no sort of all
-   entries, no concatenated copy); the noise is regenerated per block from a seeded
-   generator instead of being stored.
+   entries, no concatenated copy); the noise is regenerated per block from seeded
+   generators instead of being stored — one per chunk of ``_NOISE_CHUNK`` entries of a
+   tensor, seeded by (seed, step, tensor, chunk), so an entry's noise depends on its
+   position in the full tensor only, not on how it is sharded.
 4. Update: :class:`~weatherpeft.methods.masked_update.MaskedUpdate` — only selected entries
    move, with no weight decay or momentum anywhere else.
+
+Distributed. Under DDP every rank sees the all-reduced gradients and the same seeded noise, so
+every rank selects the same mask (``WEATHERPEFT_CHECK_MASKS=1`` checks it, see
+:mod:`~weatherpeft.methods.masked_update`). Under FSDP each rank scores only its shard of
+every tensor, max F is all-reduced, and :func:`~weatherpeft.distributed.sharded_top_k` merges
+the ranks' local top-k candidates into the exact global top k (same ties as unsharded);
+selection, moments and the moved set stay per shard.
 
 ``budget_mode="union"`` (the paper): each refresh selects k entries anywhere; the entries
 that ever moved (the adapter file's content) can exceed k and are reported. ``"strict"``:
@@ -31,12 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from weatherpeft import distributed
 from weatherpeft.backbones.base import Backbone
+from weatherpeft.distributed import local_tensor
 from weatherpeft.methods.base import Adaptation, budget_entries, match_names, register_method
 from weatherpeft.methods.masked_update import MaskedUpdate
 from weatherpeft.methods.selection import select_top_k
 
-__all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "selectable_parameters"]
+__all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "block_noise", "selectable_parameters"]
 
 NOISE_FORMS = ("additive", "multiplicative")
 BUDGET_MODES = ("union", "strict")
@@ -80,24 +91,60 @@ class SFASConfig:
 _NOISE_LEVELS = float(1 << 16)
 
 
-def _uniform_int16(count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` uniform 16-bit integers: four per 64-bit draw (RNG cost ÷ 4 against rand)."""
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + 3) // 4,), dtype=torch.int64,
-                          generator=generator, device=generator.device)
-    return words.view(torch.int16)[:count]
+#: Entries per noise chunk (a multiple of 4): each chunk of a tensor has its own generator.
+_NOISE_CHUNK = 1 << 18
+_MASK64 = (1 << 64) - 1
 
 
-def _generator(device: torch.device, *entropy: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
+def _seed(*entropy: int) -> int:
+    """A 63-bit seed from integers via numpy's SeedSequence (well mixed)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: a cheap, well-mixed 63-bit seed per chunk from base + chunk."""
+    z = (value + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def block_noise(base_seed: int, numel: int, start: int, count: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform int16 noise of entries [start, start + count) of a tensor of ``numel`` entries.
+
+    Chunk c (entries [c·C, (c+1)·C), C = ``_NOISE_CHUNK``) is always drawn whole from a
+    generator seeded by (base_seed, c), so an entry's value depends on (base_seed, position)
+    only: any shard of a tensor gets exactly the unsharded tensor's noise at its positions.
+    """
+    device = torch.device(device)
+    if count <= 0:
+        return torch.empty(0, dtype=torch.int16, device=device)
+    if start < 0 or start + count > numel:
+        raise ValueError(f"noise range [{start}, {start + count}) outside a tensor of {numel} entries")
+    first, last = start // _NOISE_CHUNK, (start + count - 1) // _NOISE_CHUNK
+    chunks = range(first, last + 1)
+    words_per_chunk = [(min(_NOISE_CHUNK, numel - c * _NOISE_CHUNK) + 3) // 4 for c in chunks]
+    words = torch.empty(sum(words_per_chunk), dtype=torch.int64, device=device)
+    at = 0
+    for chunk, n in zip(chunks, words_per_chunk):
+        generator = torch.Generator(device=device).manual_seed(_mix(base_seed + chunk))
+        torch.randint(-(1 << 63), (1 << 63) - 1, (n,), dtype=torch.int64, generator=generator,
+                      device=device, out=words[at:at + n])
+        at += n
+    skip = start - first * _NOISE_CHUNK
+    return words.view(torch.int16)[skip:skip + count]
 
 
 class FisherSelection(MaskedUpdate):
     """The SFAS trainer hook: Fisher accumulation, annealed noise, global top-k, masked update.
 
     ``entries``: the SFAS budget in entries — k per refresh in union mode, the cap on the
-    union in strict mode (k = step_fraction × entries per refresh).
+    union in strict mode (k = step_fraction × entries per refresh). Works on FSDP shards
+    (see the module doc).
     """
+
+    supports_sharding = True
 
     def __init__(self, parameters: Mapping[str, torch.nn.Parameter], entries: int,
                  config: SFASConfig) -> None:
@@ -111,16 +158,24 @@ class FisherSelection(MaskedUpdate):
     # -- Fisher ---------------------------------------------------------------------------
 
     def _gradient(self, name: str) -> torch.Tensor | None:
-        return self.parameters[name].grad
+        grad = self.parameters[name].grad
+        return None if grad is None else local_tensor(grad)
 
     def _accumulate(self) -> None:
-        for name, parameter in self.parameters.items():
-            if parameter.grad is None:
+        for name in self.parameters:
+            grad = self._gradient(name)
+            if grad is None:
                 continue
             if name not in self._fisher:
-                self._fisher[name] = torch.zeros_like(parameter, dtype=torch.float32)
-            self._fisher[name].addcmul_(parameter.grad, parameter.grad)
+                self._fisher[name] = torch.zeros_like(grad, dtype=torch.float32)
+            self._fisher[name].addcmul_(grad, grad)
         self._since_refresh += 1
+
+    def _global_max(self, value: float) -> float:
+        return float(distributed.all_reduce([value], "max")[0]) if self.sharded else value
+
+    def _global_sum(self, value: int) -> int:
+        return int(distributed.all_reduce([float(value)], "sum")[0]) if self.sharded else value
 
     def noise_scale(self, step: int) -> float:
         """γ·(1 − n/t) with n/t = (step + 1)/total: zero at the last step."""
@@ -141,23 +196,27 @@ class FisherSelection(MaskedUpdate):
         ranking is the same, at one fused pass over the entries.
         """
         names = list(self.parameters)
-        sizes = [self.parameters[n].numel() for n in names]
+        shards = [local_tensor(self.parameters[n]) for n in names]
+        sizes = [t.numel() for t in shards]
+        full_sizes = [self.parameters[n].numel() for n in names]
+        starts = [distributed.shard_offset(self.parameters[n]) for n in names]
         scale = self.noise_scale(step)
         seed = self.config.seed
         multiplicative = self.config.noise == "multiplicative"
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
         def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
-            parameter = self.parameters[names[i]]
+            shard = shards[i]
             values = source(names[i])
-            values = torch.zeros(parameter.numel(), device=parameter.device) if values is None \
+            values = torch.zeros(shard.numel(), device=shard.device) if values is None \
                 else values.detach().reshape(-1).float()
             if subset is not None:
                 values = values[subset]
             if scale == 0:
                 return values.square() if squared else values.clone()
-            noise = _uniform_int16(values.numel(), _generator(
-                parameter.device, seed, step, i, 0 if subset is None else 1)).float()
+            noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i], shard.numel(),
+                                shard.device)
+            noise = (noise if subset is None else noise[subset]).float()
             if multiplicative:  # F·(1 + γ_n·U), U = (r + 2¹⁵ + ½)/2¹⁶; 1/max F changes no ranking
                 factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
                 return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
@@ -165,30 +224,40 @@ class FisherSelection(MaskedUpdate):
                 return noise.addcmul_(values, values, value=weight)
             return noise.add_(values, alpha=weight)
 
+        if self.sharded:
+            offsets = np.cumsum([0] + full_sizes[:-1]).tolist()
+            positions = [int(offset) + start for offset, start in zip(offsets, starts)]
+
+            def top_k(block_scores: Callable, block_sizes: list[int], k: int) -> list[torch.Tensor]:
+                return distributed.sharded_top_k(block_scores, block_sizes, positions, k)
+        else:
+            top_k = select_top_k
         k = self.per_step_entries
         if self.cap is None:
-            chosen = select_top_k(scores, sizes, k)
+            chosen = top_k(scores, sizes, k)
         else:
-            chosen = self._strict_selection(scores, names, sizes, k)
+            chosen = self._strict_selection(scores, names, sizes, k, top_k)
         self.set_selection(dict(zip(names, chosen)))
 
     def _strict_selection(self, scores: Callable, names: list[str], sizes: list[int],
-                          k: int) -> list[torch.Tensor]:
+                          k: int, top_k: Callable = select_top_k) -> list[torch.Tensor]:
         """Best k under the cap: top-c outside the union plus top-(k − c) inside it."""
-        room = self.cap - self.stored_entries()
+        room = self.cap - self._global_sum(self.stored_entries())
         if room >= k:
-            return select_top_k(scores, sizes, k)
+            return top_k(scores, sizes, k)
         moved = [self.moved_mask(n) for n in names]
+        minus_inf = float("-inf")
         if room > 0:
-            unconstrained = select_top_k(scores, sizes, k)
-            outside = sum(int((~mask[idx]).sum()) for mask, idx in zip(moved, unconstrained))
+            unconstrained = top_k(scores, sizes, k)
+            outside = self._global_sum(sum(int((~mask[idx]).sum())
+                                           for mask, idx in zip(moved, unconstrained)))
             if outside <= room:
                 return unconstrained
-            minus_inf = float("-inf")
-            new = select_top_k(lambda i: scores(i).masked_fill_(moved[i], minus_inf), sizes, room)
-            old = select_top_k(lambda i: scores(i).masked_fill_(~moved[i], minus_inf), sizes,
-                               k - room)
+            new = top_k(lambda i: scores(i).masked_fill_(moved[i], minus_inf), sizes, room)
+            old = top_k(lambda i: scores(i).masked_fill_(~moved[i], minus_inf), sizes, k - room)
             return [torch.cat([a, b]) for a, b in zip(new, old)]
+        if self.sharded:  # saturated, on shards: positions must stay those of whole shards
+            return top_k(lambda i: scores(i).masked_fill_(~moved[i], minus_inf), sizes, k)
         # Saturated: only the union can be chosen; score just its entries.
         inside = [torch.nonzero(mask).reshape(-1) for mask in moved]
         chosen = select_top_k(lambda i: scores(i, inside[i]), [len(x) for x in inside], k)
@@ -198,15 +267,15 @@ class FisherSelection(MaskedUpdate):
         refresh_now = step % self.config.refresh_every == 0 or not self.selection
         if self.config.refresh_every == 1:
             if refresh_now:
-                extremes = [torch.aminmax(p.grad.detach()) for p in self.parameters.values()
-                            if p.grad is not None and p.numel()]
+                grads = [self._gradient(name) for name in self.parameters]
+                extremes = [torch.aminmax(g.detach()) for g in grads if g is not None and g.numel()]
                 peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes), default=0.0)
-                self.refresh(self._gradient, True, peak, step)
+                self.refresh(self._gradient, True, self._global_max(peak), step)
             return
         self._accumulate()
         if refresh_now:
             peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
-            self.refresh(self._fisher.get, False, peak, step)
+            self.refresh(self._fisher.get, False, self._global_max(peak), step)
             for accumulated in self._fisher.values():
                 accumulated.zero_()
             self._since_refresh = 0
@@ -222,7 +291,8 @@ class FisherSelection(MaskedUpdate):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self._fisher = {k: v.to(self.parameters[k].device) for k, v in state["fisher"].items()}
+        self._fisher = {k: v.to(local_tensor(self.parameters[k]).device)
+                        for k, v in state["fisher"].items()}
         self._since_refresh = int(state["since_refresh"])
 
 

@@ -1,5 +1,68 @@
-"""Tasks: what a model is trained and scored on (see :mod:`weatherpeft.tasks.base`)."""
+"""Tasks: what a model is trained and scored on (see :mod:`weatherpeft.tasks.base`).
 
+:func:`build_task` makes a task by name on a data path (default: its store in the built-in
+world), normalised with the backbone's statistics; a task measures statistics only for the
+variables it adds, on its training period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
 
-__all__ = ["SPLITS", "Task", "TaskVariables"]
+__all__ = ["SPLITS", "TASKS", "Task", "TaskVariables", "build_task"]
+
+#: Forecasting on the built-in downstream year: fine-tune on Jan–Sep, validate Oct–Nov, test Dec.
+FORECASTING_PERIODS = {"train": ("2003-01-01", "2003-09-30T18:00"),
+                       "val": ("2003-10-01", "2003-11-30T18:00"),
+                       "test": ("2003-12-01", "2003-12-31T18:00")}
+
+
+def _forecasting(data: str, stats: NormalisationStats | None) -> Task:
+    from weatherpeft.data.builtin import store_path
+    from weatherpeft.tasks.forecasting import ForecastingTask
+
+    return ForecastingTask(data or store_path("downstream"), FORECASTING_PERIODS, stats,
+                           lead_steps=(1,))
+
+
+def _downscaling(data: str, stats: NormalisationStats | None) -> Task:
+    from weatherpeft.tasks.downscaling import DownscalingTask
+
+    return DownscalingTask(data or None, None, stats)
+
+
+def _postprocessing(data: str, stats: NormalisationStats | None) -> Task:
+    from weatherpeft.tasks.postprocessing import PostprocessingTask
+
+    if not data:
+        return PostprocessingTask(None, None, stats)
+    ensemble, _, truth = data.partition(",")
+    if not truth:
+        raise ValueError("post-processing data is 'ENSEMBLE,TRUTH': the ensemble forecast store and "
+                         f"the analysis store that verifies it; got {data!r}")
+    return PostprocessingTask(ensemble, None, stats, truth_store=truth)
+
+
+def _precipitation(data: str, stats: NormalisationStats | None) -> Task:
+    from weatherpeft.tasks.precipitation import PrecipitationTask
+
+    return PrecipitationTask(data or None, None, stats)
+
+
+#: Task name → builder (data path, backbone statistics) → Task.
+TASKS: dict[str, Callable[[str, NormalisationStats | None], Task]] = {
+    "forecasting": _forecasting,
+    "downscaling": _downscaling,
+    "postprocessing": _postprocessing,
+    "precipitation": _precipitation,
+}
+
+
+def build_task(name: str, stats: NormalisationStats | None, data: str = "") -> Task:
+    """The task ``name`` on ``data`` (default: its built-in store) with the backbone's ``stats``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; known: {sorted(TASKS)}")
+    return TASKS[name](data, stats)
