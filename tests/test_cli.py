@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +82,20 @@ def test_demo_runs_on_the_built_in_world(capsys):
     assert "24 h forecast by aurora-tiny" in out
     assert out.count("reloaded: outputs identical") == 2  # both SFAS budget modes round-trip
     assert "= 4.00% of the weights" in out  # strict mode never exceeds the budget
+
+
+def test_finetune_and_evaluate_a_downstream_task_with_maps(tmp_path, capsys):
+    run = tmp_path / "ds"
+    assert main(["finetune", "--task", "downscaling", "--method", "lora", "--budget", "0.01",
+                 "--steps", "1", "--batch-size", "1", "--out-dir", str(run), "--no-evaluate"]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--adapter", str(run / "adapter"), "--out", str(out),
+                 "--map-variable", "t_850", "--batch-size", "16"]) == 0
+    scores = json.loads((out / "metrics.json").read_text())
+    assert scores["task"] == "downscaling"
+    assert {"model/rmse/2t", "bilinear/rmse/2t", "model/bias/z500"} <= set(scores["scores"])
+    assert "| rmse | 2t |" in (out / "metrics.md").read_text()
+    assert (out / "map_t_850_sample0.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", "--adapter", str(run / "adapter"), "--out", str(out),
+                 "--map-variable", "nonsense"]) == 2
+    assert "not predicted" in capsys.readouterr().err
