@@ -37,7 +37,7 @@ import os
 import socket
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import torch

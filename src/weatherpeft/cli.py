@@ -239,7 +239,7 @@ class PretrainConfig:
     """What to pretrain on, and where the finished backbone goes."""
 
     store: str = "data/pretraining/pretraining.zarr"
-    preset: str = "aurora-tiny"
+    preset: str = "aurora-tiny"  # or "prithvi-tiny" (any preset of weatherpeft.backbones)
     train_start: str = "2000-01-01T06:00"
     train_end: str = "2002-11-30T18:00"
     val_start: str = "2002-12-01T00:00"
@@ -285,7 +285,7 @@ def _set_threads(threads: int) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from weatherpeft.backbones.aurora import AuroraBackbone
+    from weatherpeft.backbones import PRITHVI_PRESETS, build_backbone
     from weatherpeft.tasks.forecasting import ForecastingTask
     from weatherpeft.train import Trainer, TrainConfig, seed_everything
 
@@ -303,13 +303,23 @@ def cmd_pretrain(args) -> int:
                            loss_scales="tendency" if cfg.loss_scales == "tendency" else None)
     stats = task.stats
     seed_everything(train_cfg.seed)
-    backbone = AuroraBackbone(cfg.preset, stats=stats, levels=task.variables.levels, random_init=True,
-                              activation_checkpointing=train_cfg.activation_checkpointing)
+    extra = {}
+    if cfg.preset in PRITHVI_PRESETS:
+        # Prithvi de-normalises its output per channel; with the temporal residual the analog
+        # of its published anomaly scales is the RMS 6-h change the task measured.
+        extra["output_scales"] = task.loss_scales
+    backbone = build_backbone(cfg.preset, stats=stats, levels=task.variables.levels, random_init=True,
+                              activation_checkpointing=train_cfg.activation_checkpointing, **extra)
     trainer = Trainer(backbone, task, train_cfg)
     start = time.perf_counter()
     summary = trainer.fit(resume=args.resume)
     summary["wall_seconds_this_invocation"] = time.perf_counter() - start
     summary["resumed"] = bool(args.resume)
+    from weatherpeft import distributed  # under torchrun rank 0 writes; FSDP: from a gathered copy
+    backbone = distributed.consolidated_copy(backbone, lambda: build_backbone(
+        cfg.preset, stats=stats, levels=task.variables.levels, random_init=True, **extra))
+    if not distributed.is_main():
+        return 0
     backbone.save_checkpoint(cfg.export)
     about = {"pretraining": {**asdict(cfg), **asdict(train_cfg)}, "fit": summary}
     write_json(Path(cfg.export) / "pretraining.json", about)
@@ -357,13 +367,13 @@ def _card_facts(backbone, about: dict) -> dict:
 
 def cmd_evaluate(args) -> int:
     from weatherpeft import model_card
-    from weatherpeft.backbones.aurora import AuroraBackbone
+    from weatherpeft.backbones import load_backbone
 
     cfg = build_config(EvaluateConfig, args)
     _set_threads(cfg.threads)
     if cfg.adapter or cfg.task:
         return _evaluate_on_task(cfg)
-    backbone = AuroraBackbone.from_checkpoint(cfg.checkpoint)
+    backbone = load_backbone(cfg.checkpoint)
     task, references = evaluation_task(cfg, backbone.stats)
     if cfg.write_card:
         if not references:
@@ -395,6 +405,9 @@ def cmd_finetune(args) -> int:
     cfg = build_config(FinetuneConfig, args, shared_keys=train_keys)
     train_cfg = build_config(TrainConfig, args, shared_keys=finetune_keys)
     result = run_finetune(cfg, train_cfg, resume=args.resume)
+    from weatherpeft.distributed import is_main
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
     print(json.dumps({k: result[k] for k in ("report", "adapter_bytes", "fit_seconds", "val_loss", "test")
                       if k in result}, indent=1))
     print(f"adapter saved to {Path(train_cfg.out_dir) / 'adapter'}")

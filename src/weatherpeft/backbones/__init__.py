@@ -1,4 +1,4 @@
-"""Weather foundation models behind one contract (:class:`Backbone`): Aurora, later Prithvi-WxC."""
+"""Weather foundation models behind one contract (:class:`Backbone`): Aurora and Prithvi-WxC."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 from weatherpeft.backbones.aurora import AURORA_PRESETS, ERA5_LEVELS, AuroraBackbone, AuroraPreset
 from weatherpeft.backbones.base import Backbone, LoadReport
+from weatherpeft.backbones.prithvi import PRITHVI_PRESETS, PrithviBackbone, PrithviPreset
 from weatherpeft.data.stats import NormalisationStats
 
-__all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "AuroraBackbone", "AuroraPreset", "Backbone",
-           "LoadReport", "backbone_statistics", "load_backbone"]
+__all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "PRITHVI_PRESETS", "AuroraBackbone", "AuroraPreset",
+           "Backbone", "LoadReport", "PrithviBackbone", "PrithviPreset", "backbone_statistics",
+           "build_backbone", "load_backbone"]
 
 
 def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
@@ -22,7 +24,20 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
     kind = json.loads(config_path.read_text()).get("preset", "")
     if kind in AURORA_PRESETS:
         return AuroraBackbone.from_checkpoint(path, **kwargs)
-    raise ValueError(f"{config_path}: unknown backbone preset {kind!r}; known: {sorted(AURORA_PRESETS)}")
+    if kind in PRITHVI_PRESETS:
+        return PrithviBackbone.from_checkpoint(path, **kwargs)
+    raise ValueError(f"{config_path}: unknown backbone preset {kind!r}; known: "
+                     f"{sorted(AURORA_PRESETS) + sorted(PRITHVI_PRESETS)}")
+
+
+def build_backbone(preset: str, **kwargs) -> Backbone:
+    """A backbone of preset ``preset`` (Aurora's or Prithvi-WxC's), built with ``kwargs``."""
+    if preset in AURORA_PRESETS:
+        return AuroraBackbone(preset, **kwargs)
+    if preset in PRITHVI_PRESETS:
+        return PrithviBackbone(preset, **kwargs)
+    raise ValueError(f"unknown backbone preset {preset!r}; known: "
+                     f"{sorted(AURORA_PRESETS) + sorted(PRITHVI_PRESETS)}")
 
 
 def backbone_statistics(path: str | os.PathLike) -> NormalisationStats:

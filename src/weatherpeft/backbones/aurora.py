@@ -44,9 +44,16 @@ from weatherpeft.backbones.base import (
 )
 from weatherpeft.data.stats import NormalisationStats
 
-__all__ = ["AURORA_PRESETS", "AuroraBackbone", "AuroraPreset", "ERA5_LEVELS"]
+__all__ = ["AURORA_PRESETS", "AuroraBackbone", "AuroraPreset", "ERA5_LEVELS", "SWIN_FEEDFORWARD",
+           "SWIN_LINEARS"]
 
 logger = logging.getLogger(__name__)
+
+#: The Swin blocks' attention and MLP Linear layers (full module names in the backbone).
+SWIN_LINEARS = (r"backbone\.(encoder|decoder)_layers\.\d+\.blocks\.\d+\."
+                r"(attn\.(qkv|proj)|mlp\.(fc1|fc2))")
+#: The Swin blocks' second MLP layers (IA3's feed-forward modules).
+SWIN_FEEDFORWARD = r"backbone\.(encoder|decoder)_layers\.\d+\.blocks\.\d+\.mlp\.fc2"
 
 #: The 13 pressure levels (hPa) of WeatherBench2's ERA5 and of Aurora's pretraining.
 ERA5_LEVELS: tuple[int, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
@@ -576,6 +583,14 @@ class AuroraBackbone(Backbone):
     def prompt_sites(self) -> list[tuple[str, torch.nn.Module]]:
         """Every Swin block's window attention, encoder then decoder, with its qualified name."""
         return [(f"{name}.attn", block.attn) for name, block in self._swin_blocks()]
+
+    def linear_targets(self) -> tuple[str, ...]:
+        """The Swin blocks' ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` (one regex)."""
+        return (SWIN_LINEARS,)
+
+    def feedforward_targets(self) -> tuple[str, ...]:
+        """The Swin blocks' ``mlp.fc2``."""
+        return (SWIN_FEEDFORWARD,)
 
     def fingerprint_config(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The config minus runtime settings, variable lists sorted (their order changes nothing)."""

@@ -13,17 +13,52 @@ import abc
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from aurora import Batch
 
-__all__ = ["Backbone", "LoadReport", "compare_state", "hash_weights"]
+__all__ = ["BLOCK_PARTS", "Backbone", "LoadReport", "PromptSiteCall", "compare_state",
+           "hash_weights"]
+
+#: The parts of a transformer block that baseline methods adapt, under their canonical names
+#: (Aurora's Swin block paths). A backbone maps each to its own path inside a block
+#: (:meth:`Backbone.block_parts`): attention input/output projections, MLP layers, the norms
+#: before/after attention and MLP, and the MLP as a whole.
+BLOCK_PARTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2", "mlp")
 
 #: How many keys of one kind an error message lists before it summarises the rest.
 _LISTED_KEYS = 25
+
+
+class PromptSiteCall(abc.ABC):
+    """How a backbone calls one of its prompt sites, for the prompt injector.
+
+    The injector (:mod:`weatherpeft.methods.prompts`) prepends P prompt tokens to a site's
+    tokens along the attended axis (−2; every leading axis is a batch of sequences) and drops
+    the P outputs after the call. A backbone whose sites are not called as
+    ``site(x, mask=None, ...)`` (the injector's default convention) returns one of these from
+    :meth:`Backbone.prompt_site_call`.
+    """
+
+    @abc.abstractmethod
+    def tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The tokens of one call of the site, shape (..., N, C), attention along axis −2."""
+
+    @abc.abstractmethod
+    def with_prompts(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor,
+                     count: int, key_bias: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with ``tokens`` (..., P+N, C; the first ``count`` are prompts)
+        in place of the originals, and, if ``key_bias`` ≠ 0, that additive bias on the prompt
+        keys for every query."""
+
+    def enable_key_bias(self) -> Callable[[], None]:
+        """Make the site honour a key bias (called when an injector with ``key_bias`` ≠ 0
+        attaches); returns the undo. Raise ValueError if the site cannot."""
+        return lambda: None
 
 
 @dataclass(frozen=True)
@@ -145,6 +180,38 @@ class Backbone(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def prompt_sites(self) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every attention module where prompt tokens can go."""
+
+    def prompt_site_call(self, name: str, module: torch.nn.Module) -> PromptSiteCall | None:
+        """How the site ``name`` is called; None (default): ``site(x, mask=None, ...)`` with
+        tokens x (B', N, C) first and an optional additive mask (nW, N, N)."""
+        return None
+
+    # -- where baseline methods adapt ------------------------------------------------------
+
+    def transformer_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module) of every transformer block in model order. Default: the parent of
+        each prompt site (Aurora's Swin blocks)."""
+        names = [name.rpartition(".")[0] for name, _ in self.prompt_sites()]
+        return [(name, self.get_submodule(name)) for name in names]
+
+    def block_parts(self) -> dict[str, str]:
+        """Canonical part name (:data:`BLOCK_PARTS`) → its path inside every block; parts a
+        block lacks (or that methods cannot adapt) are left out. Default: Aurora's paths."""
+        return {part: part for part in BLOCK_PARTS}
+
+    def linear_targets(self) -> tuple[str, ...]:
+        """Regexes (``re.fullmatch`` on module names) of the blocks' Linear layers: attention
+        projections and MLP layers, LoRA's and HF peft's default targets."""
+        return self._part_regexes(("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+
+    def feedforward_targets(self) -> tuple[str, ...]:
+        """Regexes of the blocks' second MLP layers (IA3's feed-forward modules)."""
+        return self._part_regexes(("mlp.fc2",))
+
+    def _part_regexes(self, parts: Sequence[str]) -> tuple[str, ...]:
+        paths = self.block_parts()
+        return tuple(re.escape(f"{block}.{paths[part]}") for block, _ in self.transformer_blocks()
+                     for part in parts if part in paths)
 
     # -- configuration and identity -------------------------------------------------------
 

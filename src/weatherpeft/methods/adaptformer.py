@@ -83,13 +83,18 @@ def _mlp_width(name: str, mlp: nn.Module) -> int:
 
 
 def mlp_sites(backbone: Backbone) -> dict[str, tuple[nn.Module, int]]:
-    """{name: (mlp module, width)} of every block's MLP."""
+    """{name: (mlp module, width)} of every block's MLP (``backbone.block_parts()["mlp"]``; its
+    input is the MLP's input: Aurora's ``mlp``, Prithvi-WxC's ``ff.1`` after the LayerNorm)."""
     sites = {}
+    path = backbone.block_parts().get("mlp")
     for block_name, block in transformer_blocks(backbone):
-        mlp = getattr(block, "mlp", None)
+        try:
+            mlp = block.get_submodule(path) if path else None
+        except AttributeError:
+            mlp = None
         if not isinstance(mlp, nn.Module):
-            raise ValueError(f"block '{block_name}' has no 'mlp' module for AdaptFormer")
-        sites[f"{block_name}.mlp"] = (mlp, _mlp_width(f"{block_name}.mlp", mlp))
+            raise ValueError(f"block '{block_name}' has no MLP module ({path!r}) for AdaptFormer")
+        sites[f"{block_name}.{path}"] = (mlp, _mlp_width(f"{block_name}.{path}", mlp))
     return sites
 
 
@@ -137,7 +142,7 @@ def _refuse_merge(adaptation: Adaptation) -> None:
 
 
 @register_method("adaptformer", AdaptFormerOptions,
-                 "AdaptFormer: a scaled ReLU bottleneck adapter parallel to every Swin block's "
+                 "AdaptFormer: a scaled ReLU bottleneck adapter parallel to every transformer block's "
                  "MLP (zero-initialised); bottleneck width from the budget; not mergeable")
 def apply_adaptformer(backbone: Backbone, budget: float, options: AdaptFormerOptions) -> Adaptation:
     entries = budget_entries(backbone, budget)

@@ -7,9 +7,11 @@ the original layer as ``base_layer``), so the backbone object, its ``forward(bat
 pretrained parameters (roles kept by identity) are unchanged; what peft adds inside the
 backbone counts as *added* and goes to the adapter file as ``added.*`` tensors.
 
-Targets: full module names matched by ``targets`` (regexes, ``re.fullmatch``); default the
+Targets: full module names matched by ``targets`` (regexes, ``re.fullmatch``); default (empty)
+the backbone's :meth:`~weatherpeft.backbones.base.Backbone.linear_targets`: for Aurora the
 Swin blocks' ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` — never the Perceiver
-encoder/decoder.
+encoder/decoder; for Prithvi-WxC every transformer's ``attention.1.qkv_layer``,
+``attention.1.w_layer``, ``ff.1.net.0`` and ``ff.1.net.3``.
 
 Sizing (``lora``/``dora`` with ``rank=None``). A targeted Linear l (in_l → out_l) at rank
 r_l > 0 costs r_l·(in_l + out_l), plus out_l for DoRA's magnitude vector:
@@ -45,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from weatherpeft.backbones.aurora import SWIN_FEEDFORWARD
+from weatherpeft.backbones.aurora import SWIN_LINEARS as AURORA_SWIN_LINEARS
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
                                       register_method)
@@ -57,11 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The Swin blocks' attention and MLP Linear layers (full module names in the backbone).
-SWIN_LINEARS = (r"backbone\.(encoder|decoder)_layers\.\d+\.blocks\.\d+\."
-                r"(attn\.(qkv|proj)|mlp\.(fc1|fc2))")
-#: IA3's default feed-forward modules (scaled on their input, as in the IA3 paper).
-IA3_FEEDFORWARD = r"backbone\.(encoder|decoder)_layers\.\d+\.blocks\.\d+\.mlp\.fc2"
+#: Aurora's default targets (kept here under their old names; backbones now name their own).
+SWIN_LINEARS = AURORA_SWIN_LINEARS
+IA3_FEEDFORWARD = SWIN_FEEDFORWARD
 ADAPTER_NAME = "default"
 #: Config keys the ``peft`` method refuses: targets come from ``targets``; module copies
 #: would be trained outside the merge (the task head is trained by every method anyway).
@@ -73,10 +75,13 @@ _UNRUNNABLE = {"poly": "its forward needs per-sample task_ids",
 
 
 def _regexes(targets: str | Sequence[str]) -> tuple[str, ...]:
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not targets:
-        raise ValueError("targets must name at least one module regex")
-    return targets
+    """``targets`` as a tuple of regexes; empty means the backbone's default targets."""
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
+def _targets(backbone: Backbone, targets: Sequence[str]) -> tuple[str, ...]:
+    """The given target regexes, or (none given) the backbone's ``linear_targets()``."""
+    return tuple(targets) or tuple(backbone.linear_targets())
 
 
 @dataclass
@@ -84,13 +89,13 @@ class LoRAOptions:
     """``rank``: None = sized to the budget (see module doc), or one rank for every target;
     ``alpha_ratio``: alpha = ratio × rank (default 1, Aurora's own LoRA: r = alpha = 8, so
     the update is B·A unscaled at any rank); ``dropout`` on the LoRA input; ``targets``:
-    regexes on full module names (default the Swin blocks' Linear layers); ``seed``: of the
-    initialisation (A is random, B zero)."""
+    regexes on full module names (default, empty: the backbone's ``linear_targets()``, its
+    blocks' Linear layers); ``seed``: of the initialisation (A is random, B zero)."""
 
     rank: int | None = None
     alpha_ratio: float = 1.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = (SWIN_LINEARS,)
+    targets: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,13 +112,13 @@ class LoRAOptions:
 class PeftOptions:
     """``peft_type``: a peft tuner by name (ia3, vera, boft, oft, loha, lokr, fourierft, ...);
     ``config``: keyword arguments of its peft config class (``IA3Config``, ...), minus
-    target_modules; ``targets``: regexes on full module names (default the Swin blocks'
-    Linear layers; IA3's feedforward_modules default to their fc2); ``seed``: of the
-    initialisation."""
+    target_modules; ``targets``: regexes on full module names (default, empty: the backbone's
+    ``linear_targets()``; IA3's feedforward_modules default to its ``feedforward_targets()``);
+    ``seed``: of the initialisation."""
 
     peft_type: str = ""
     config: dict[str, Any] = field(default_factory=dict)
-    targets: tuple[str, ...] = (SWIN_LINEARS,)
+    targets: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -252,7 +257,7 @@ def _apply_lora(backbone: Backbone, budget: float, options: LoRAOptions, dora: b
     from peft import LoraConfig
 
     method = "dora" if dora else "lora"
-    layers = _linear_targets(backbone, options.targets)
+    layers = _linear_targets(backbone, _targets(backbone, options.targets))
     entries = budget_entries(backbone, budget)
     pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
     if options.rank is None:
@@ -285,14 +290,14 @@ def _apply_lora(backbone: Backbone, budget: float, options: LoRAOptions, dora: b
     return adaptation
 
 
-@register_method("lora", LoRAOptions, "LoRA (HF peft) on the Swin blocks' Linear layers, rank "
-                                      "sized to the budget")
+@register_method("lora", LoRAOptions, "LoRA (HF peft) on the transformer blocks' Linear "
+                                      "layers, rank sized to the budget")
 def apply_lora(backbone: Backbone, budget: float, options: LoRAOptions) -> Adaptation:
     return _apply_lora(backbone, budget, options, dora=False)
 
 
-@register_method("dora", LoRAOptions, "DoRA (HF peft, LoRA + magnitude vector) on the Swin "
-                                      "blocks' Linear layers, rank sized to the budget")
+@register_method("dora", LoRAOptions, "DoRA (HF peft, LoRA + magnitude vector) on the "
+                                      "transformer blocks' Linear layers, rank sized to the budget")
 def apply_dora(backbone: Backbone, budget: float, options: LoRAOptions) -> Adaptation:
     return _apply_lora(backbone, budget, options, dora=True)
 
@@ -313,10 +318,12 @@ def _peft_config(backbone: Backbone, options: PeftOptions) -> PeftConfig:
     if peft_type.value.lower() in _UNRUNNABLE:
         raise ValueError(f"peft_type '{options.peft_type}' cannot run on a weather backbone: "
                          f"{_UNRUNNABLE[peft_type.value.lower()]}")
-    names = list(target_modules(backbone, options.targets))
+    names = list(target_modules(backbone, _targets(backbone, options.targets)))
     kwargs = {**options.config, "target_modules": names}
     if peft_type is PeftType.IA3 and "feedforward_modules" not in kwargs:
-        kwargs["feedforward_modules"] = [n for n in names if re.fullmatch(IA3_FEEDFORWARD, n)]
+        feedforward = backbone.feedforward_targets()
+        kwargs["feedforward_modules"] = [n for n in names
+                                         if any(re.fullmatch(f, n) for f in feedforward)]
     try:
         return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**kwargs)
     except (TypeError, ValueError) as error:
@@ -326,7 +333,8 @@ def _peft_config(backbone: Backbone, options: PeftOptions) -> PeftConfig:
 
 
 @register_method("peft", PeftOptions, "any HF peft tuner by name (options peft_type, config) on "
-                                      "the Swin blocks' Linear layers; not sized to the budget")
+                                      "the transformer blocks' Linear layers; not sized to the "
+                                      "budget")
 def apply_peft(backbone: Backbone, budget: float, options: PeftOptions) -> Adaptation:
     config = _peft_config(backbone, options)
     entries = budget_entries(backbone, budget)

@@ -1,15 +1,21 @@
 """Prompt tokens prepended at a backbone's prompt sites, by hooks, without touching its code.
 
-A prompt site (``Backbone.prompt_sites()``) is an attention module called as
+A prompt site (``Backbone.prompt_sites()``) is an attention module. By default it is called as
 ``site(x, mask=None, ...)`` with tokens ``x`` of shape (B', N, C) — for Aurora B' = nW·B
 windows — and an optional additive attention mask (nW, N, N), repeated over B by the site.
+A backbone whose sites are called otherwise says how through
+``Backbone.prompt_site_call(name, module)`` (a
+:class:`~weatherpeft.backbones.base.PromptSiteCall`: where the tokens are, how prompt keys get
+a bias); tokens may then have any leading axes (..., N, C), attention along axis −2, and
+prompts are prepended to every sequence (Prithvi-WxC: to every mask unit in local blocks,
+to every across-unit sequence in global ones).
 With prompts E_P of shape (P, C) for that site, the injector runs the site on
 
     x'    = [E_P ; x]                           E_P expanded over the B' windows → (B', P+N, C)
     mask' = | b  0    |   (rows: queries, columns: keys; nW, P+N, P+N)
             | b  mask |
 
-and returns y'[:, P:], dropping the P prompt outputs. b is ``key_bias`` (default 0): 0 is
+and returns y'[..., P:, :], dropping the P prompt outputs. b is ``key_bias`` (default 0): 0 is
 ordinary prompting (TADP, VPT-deep); ``-inf`` makes the prompts invisible (softmax weight
 exp(−inf) = 0), so the output equals the un-prompted site's — a check that the mechanism is
 otherwise exact, and a diagnostic (how much do the prompts matter?). A site called without a
@@ -36,9 +42,59 @@ from typing import Any
 
 import torch
 
-__all__ = ["PromptInjector", "site_width"]
+from weatherpeft.backbones.base import PromptSiteCall
+
+__all__ = ["MaskArgumentCall", "PromptInjector", "site_width"]
 
 _MASK_ARGUMENT = "mask"
+
+
+class MaskArgumentCall(PromptSiteCall):
+    """The default convention: ``site(x, mask=None, ...)``, tokens first (B', N, C), an
+    optional additive mask (nW, N, N) extended to (nW, P+N, P+N) as the module doc says."""
+
+    def __init__(self, name: str, module: torch.nn.Module) -> None:
+        self.name = name
+        self.signature = inspect.signature(module.forward)
+        if not self.signature.parameters:
+            raise ValueError(f"prompt site '{name}' takes no arguments: it needs the tokens as "
+                             "its first argument")
+        self._tokens_argument = next(iter(self.signature.parameters))
+
+    def enable_key_bias(self) -> Callable[[], None]:
+        if _MASK_ARGUMENT not in self.signature.parameters:
+            raise ValueError(f"prompt site '{self.name}' has no '{_MASK_ARGUMENT}' argument, so "
+                             "a key_bias cannot be applied")
+        return lambda: None
+
+    def tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.signature.bind(*args, **kwargs).arguments[self._tokens_argument]
+
+    def with_prompts(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor,
+                     count: int, key_bias: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.arguments[self._tokens_argument] = tokens
+        if _MASK_ARGUMENT in self.signature.parameters:
+            mask = bound.arguments.get(_MASK_ARGUMENT,
+                                       self.signature.parameters[_MASK_ARGUMENT].default)
+            bound.arguments[_MASK_ARGUMENT] = _extend_mask(mask, count, tokens, key_bias)
+        return bound.args, bound.kwargs
+
+
+def _extend_mask(mask: torch.Tensor | None, count: int, tokens: torch.Tensor,
+                 key_bias: float) -> torch.Tensor | None:
+    """(nW, N, N) → (nW, P+N, P+N): zero prompt rows, ``key_bias`` prompt columns."""
+    if mask is None and key_bias == 0.0:
+        return None
+    size = tokens.shape[-2]
+    if mask is None:
+        extended = tokens.new_zeros((1, size, size))
+    else:
+        extended = mask.new_zeros((mask.shape[0], size, size))
+        extended[:, count:, count:] = mask
+    if key_bias != 0.0:
+        extended[:, :, :count] = key_bias
+    return extended
 
 
 class PromptInjector:
@@ -60,7 +116,7 @@ class PromptInjector:
         self.source = source
         self.key_bias = key_bias
         self.sites: dict[str, torch.nn.Module] = dict(backbone.prompt_sites())
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[Any] = []  # hook handles, and undos of enable_key_bias
         self._prompts: dict[str, torch.Tensor] | None = None
         self._cached_for_inference = False
         self._pending: dict[str, int] = {}  # site → prompt count of its call in progress
@@ -74,18 +130,25 @@ class PromptInjector:
         """Install the hooks on the backbone and on every prompt site."""
         if self.attached:
             raise RuntimeError("this PromptInjector is already attached")
-        signatures = {name: inspect.signature(site.forward) for name, site in self.sites.items()}
-        for name, signature in signatures.items():
-            if not signature.parameters:
-                raise ValueError(f"prompt site '{name}' takes no arguments: it needs the tokens "
-                                 "as its first argument")
-            if self.key_bias != 0.0 and _MASK_ARGUMENT not in signature.parameters:
-                raise ValueError(f"prompt site '{name}' has no '{_MASK_ARGUMENT}' argument, so "
-                                 f"key_bias={self.key_bias} cannot be applied")
+        declared = getattr(self.backbone, "prompt_site_call", None)
+        calls = {}
+        for name, site in self.sites.items():
+            call = declared(name, site) if callable(declared) else None
+            calls[name] = MaskArgumentCall(name, site) if call is None else call
+        undos = []
+        if self.key_bias != 0.0:
+            try:
+                for call in calls.values():
+                    undos.append(call.enable_key_bias())
+            except ValueError as error:
+                for undo in reversed(undos):
+                    undo()
+                raise ValueError(f"key_bias={self.key_bias}: {error}") from error
+        self._handles.extend(_Undo(undo) for undo in undos)
         self._handles.append(self.backbone.register_forward_pre_hook(self._before_backbone))
         for name, site in self.sites.items():
             self._handles.append(site.register_forward_pre_hook(
-                functools.partial(self._before_site, name, signatures[name]), with_kwargs=True))
+                functools.partial(self._before_site, name, calls[name]), with_kwargs=True))
             # prepend=True: with several injectors on one site, the last to prepend drops first.
             self._handles.append(site.register_forward_hook(
                 functools.partial(self._after_site, name), prepend=True))
@@ -131,45 +194,23 @@ class PromptInjector:
             self.invalidate()
         self.prompts()
 
-    def _before_site(self, name: str, signature: inspect.Signature, module: torch.nn.Module,
+    def _before_site(self, name: str, call: PromptSiteCall, module: torch.nn.Module,
                      args: tuple[Any, ...], kwargs: dict[str, Any]
                      ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         prompts = self.prompts().get(name)
         if prompts is None or prompts.shape[0] == 0:
             self._pending[name] = 0
             return None
-        bound = signature.bind(*args, **kwargs)
-        tokens_argument = next(iter(signature.parameters))
-        x = bound.arguments[tokens_argument]
-        if x.ndim != 3 or prompts.ndim != 2 or prompts.shape[1] != x.shape[2]:
+        x = call.tokens(args, kwargs)
+        if x.ndim < 2 or prompts.ndim != 2 or prompts.shape[1] != x.shape[-1]:
             raise ValueError(f"prompts for site '{name}' have shape {tuple(prompts.shape)}; the "
                              f"site's tokens have shape {tuple(x.shape)} (expected prompts "
                              f"(P, {x.shape[-1]}))")
         count = prompts.shape[0]
         prompts = prompts.to(dtype=x.dtype, device=x.device)
-        bound.arguments[tokens_argument] = torch.cat(
-            [prompts.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
-        if _MASK_ARGUMENT in signature.parameters:
-            mask = bound.arguments.get(_MASK_ARGUMENT,
-                                       signature.parameters[_MASK_ARGUMENT].default)
-            bound.arguments[_MASK_ARGUMENT] = self._extend_mask(mask, count, x)
+        prompted = torch.cat([prompts.expand(*x.shape[:-2], *prompts.shape), x], dim=-2)
         self._pending[name] = count
-        return bound.args, bound.kwargs
-
-    def _extend_mask(self, mask: torch.Tensor | None, count: int,
-                     x: torch.Tensor) -> torch.Tensor | None:
-        """(nW, N, N) → (nW, P+N, P+N): zero prompt rows, ``key_bias`` prompt columns."""
-        if mask is None and self.key_bias == 0.0:
-            return None
-        size = count + x.shape[1]
-        if mask is None:
-            extended = x.new_zeros((1, size, size))
-        else:
-            extended = mask.new_zeros((mask.shape[0], size, size))
-            extended[:, count:, count:] = mask
-        if self.key_bias != 0.0:
-            extended[:, :, :count] = self.key_bias
-        return extended
+        return call.with_prompts(args, kwargs, prompted, count, self.key_bias)
 
     def _after_site(self, name: str, module: torch.nn.Module, args: tuple[Any, ...],
                     output: Any) -> torch.Tensor | None:
@@ -178,8 +219,18 @@ class PromptInjector:
             return None
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"prompt site '{name}' returned {type(output).__name__}; the "
-                            "injector needs a tensor of tokens (B', P+N, C)")
-        return output[:, count:].contiguous()
+                            "injector needs a tensor of tokens (..., P+N, C)")
+        return output[..., count:, :].contiguous()
+
+
+class _Undo:
+    """A callable kept with the hook handles, so that ``detach`` runs it like ``remove()``."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.undo = undo
+
+    def remove(self) -> None:
+        self.undo()
 
 
 def site_width(name: str, module: torch.nn.Module) -> int:

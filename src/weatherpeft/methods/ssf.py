@@ -85,12 +85,12 @@ class _Site:
 
 
 def transformer_blocks(backbone: Backbone) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every transformer block: the parent of each prompt site (for Aurora,
-    the Swin blocks, encoder then decoder)."""
-    names = [name.rpartition(".")[0] for name, _ in backbone.prompt_sites()]
-    if not names:
-        raise ValueError(f"{type(backbone).__name__} has no prompt sites, so no blocks to adapt")
-    return [(name, backbone.get_submodule(name)) for name in names]
+    """(name, module) of every transformer block (``backbone.transformer_blocks()``; for
+    Aurora the Swin blocks, encoder then decoder, the parents of its prompt sites)."""
+    blocks = backbone.transformer_blocks()
+    if not blocks:
+        raise ValueError(f"{type(backbone).__name__} has no transformer blocks to adapt")
+    return blocks
 
 
 def _features(name: str, module: nn.Module) -> int:
@@ -104,15 +104,21 @@ def _features(name: str, module: nn.Module) -> int:
 
 
 def ssf_sites(backbone: Backbone) -> list[_Site]:
-    """Every candidate SSF site, block by block, in :data:`SITE_KINDS` order."""
+    """Every candidate SSF site, block by block, in :data:`SITE_KINDS` order. A kind is a
+    canonical part name; its module is at ``backbone.block_parts()[kind]`` inside each block
+    (kinds the backbone does not map are skipped: Prithvi-WxC's attention norm passes a tuple)."""
     sites = []
+    paths = backbone.block_parts()
     for block_name, block in transformer_blocks(backbone):
         for kind in SITE_KINDS:
+            if kind not in paths:
+                continue
             try:
-                module = block.get_submodule(kind)
+                module = block.get_submodule(paths[kind])
             except AttributeError as error:
-                raise ValueError(f"block '{block_name}' has no '{kind}' for SSF") from error
-            name = f"{block_name}.{kind}"
+                raise ValueError(f"block '{block_name}' has no '{paths[kind]}' ({kind}) for "
+                                 "SSF") from error
+            name = f"{block_name}.{paths[kind]}"
             sites.append(_Site(name, kind, module, _features(name, module)))
     return sites
 
@@ -230,7 +236,8 @@ class SSF(nn.Module):
 
 
 def _kind_sizes(sites: list[_Site]) -> dict[str, int]:
-    sizes = dict.fromkeys(SITE_KINDS, 0)
+    """Parameters of every kind present, in :data:`SITE_KINDS` order."""
+    sizes = {kind: 0 for kind in SITE_KINDS if any(site.kind == kind for site in sites)}
     for site in sites:
         sizes[site.kind] += 2 * site.features
     return sizes
@@ -240,8 +247,9 @@ def _choose_kinds(sizes: dict[str, int], entries: int) -> tuple[str, ...] | None
     """The kinds whose total is closest to ``entries`` without exceeding it beyond tolerance
     (ties: fewer kinds, then SITE_KINDS order); None if even the smallest kind does."""
     best, best_gap = None, None
-    for count in range(1, len(SITE_KINDS) + 1):
-        for kinds in itertools.combinations(SITE_KINDS, count):
+    present = [kind for kind in SITE_KINDS if kind in sizes]
+    for count in range(1, len(present) + 1):
+        for kinds in itertools.combinations(present, count):
             total = sum(sizes[k] for k in kinds)
             if total > (1 + BUDGET_TOLERANCE) * entries:
                 continue
@@ -251,8 +259,8 @@ def _choose_kinds(sizes: dict[str, int], entries: int) -> tuple[str, ...] | None
 
 
 @register_method("ssf", SSFOptions,
-                 "SSF: learned per-channel scale and shift after every Swin block's qkv, proj, "
-                 "fc1, fc2 and norms; site kinds chosen to fit the budget. Exception: its size "
+                 "SSF: learned per-channel scale and shift after every transformer block's qkv, "
+                 "proj, fc1, fc2 and norms; site kinds chosen to fit the budget. Exception: its size "
                  "is fixed by the architecture (aurora-tiny at most 0.55 %); a larger budget "
                  "uses every site and warns")
 def apply_ssf(backbone: Backbone, budget: float, options: SSFOptions) -> Adaptation:

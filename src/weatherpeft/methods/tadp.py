@@ -44,7 +44,9 @@ __all__ = ["PromptGenerator", "ResidualAdapter", "TADP", "TADPConfig", "fit_tadp
 
 SHARING_MODES = ("block", "stage", "all")
 WIDTH_MAPS = ("linear", "lowrank")
-_STAGE = re.compile(r"(?:^|\.)((?:encoder|decoder)_layers\.\d+)\.")
+#: A site's stage: Aurora's ``encoder_layers.i``/``decoder_layers.i``, Prithvi-WxC's encoder
+#: or decoder ``lgl_block``.
+_STAGE = re.compile(r"(?:^|\.)((?:encoder|decoder)_layers\.\d+|(?:encoder|decoder)\.lgl_block)\.")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def _stage(site: str) -> str:
     match = _STAGE.search(site)
     if match is None:
         raise ValueError(f"prompt site '{site}' is not inside an encoder_layers.i / "
-                         "decoder_layers.i stage; use sharing='block' or 'all'")
+                         "decoder_layers.i (or encoder/decoder.lgl_block) stage; use "
+                         "sharing='block' or 'all'")
     return match.group(1)
 
 
