@@ -67,32 +67,23 @@ class TADPOptions:
 
 
 @dataclass
-class WeatherPEFTOptions(TADPOptions):
+class WeatherPEFTOptions(TADPOptions, SFASConfig):
     """TADP options, SFAS options (as in ``sfas``), and the split: ``tadp_share`` of the
     budget for TADP at most (unless its smallest size needs more), ``min_sfas_share`` kept
     for SFAS in any case."""
 
     tadp_share: float = 0.5
     min_sfas_share: float = 0.1
-    gamma: float = 0.2
-    refresh_every: int = 1
-    noise: str = "additive"
-    budget_mode: str = "union"
-    step_fraction: float | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        TADPOptions.__post_init__(self)
+        SFASConfig.__post_init__(self)
         if not 0.0 < self.tadp_share < 1.0 or not 0.0 < self.min_sfas_share < 1.0:
             raise ValueError(f"tadp_share and min_sfas_share must be in (0, 1), got "
                              f"{self.tadp_share} and {self.min_sfas_share}")
-        self.sfas_config()  # validates the SFAS options now
 
     def sfas_config(self) -> SFASConfig:
-        names = {f.name for f in dataclasses.fields(SFASConfig)}
-        return SFASConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return SFASConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SFASConfig)})
 
 
 def _variables(backbone: Backbone, options: TADPOptions) -> tuple[str, ...]:
