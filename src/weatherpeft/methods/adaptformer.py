@@ -21,8 +21,6 @@ before writing anything; deploy the adapter file (:func:`~weatherpeft.adapters.l
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +31,10 @@ from torch import nn
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
                                       register_method)
+from weatherpeft.methods.output_hooks import OutputHooks, module_key
 from weatherpeft.methods.ssf import transformer_blocks
 
 __all__ = ["AdaptFormer", "AdaptFormerOptions", "BottleneckAdapter", "apply_adaptformer"]
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class AdaptFormerOptions:
@@ -98,7 +94,7 @@ def mlp_sites(backbone: Backbone) -> dict[str, tuple[nn.Module, int]]:
     return sites
 
 
-class AdaptFormer(nn.Module):
+class AdaptFormer(OutputHooks):
     """One BottleneckAdapter beside each MLP, added to its output by a forward hook.
 
     The MLPs are referenced, not registered: the state dict holds only the adapters.
@@ -106,33 +102,13 @@ class AdaptFormer(nn.Module):
 
     def __init__(self, sites: dict[str, tuple[nn.Module, int]], bottleneck: int,
                  scale: float) -> None:
-        super().__init__()
-        self._mlps = {self._key(name): mlp for name, (mlp, _) in sites.items()}
-        self.adapters = nn.ModuleDict({self._key(name): BottleneckAdapter(width, bottleneck, scale)
+        super().__init__({module_key(name): mlp for name, (mlp, _) in sites.items()})
+        self.adapters = nn.ModuleDict({module_key(name): BottleneckAdapter(width, bottleneck, scale)
                                        for name, (_, width) in sites.items()})
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "_")
-
-    def attach(self) -> AdaptFormer:
-        """Install the hooks: every MLP's output gains its adapter's branch."""
-        if self._handles:
-            raise RuntimeError("AdaptFormer is already attached")
-        for key, mlp in self._mlps.items():
-            self._handles.append(mlp.register_forward_hook(functools.partial(self._hook, key)))
-        return self
-
-    def detach(self) -> None:
-        """Remove the hooks: the backbone is as pretrained."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, key: str, module: nn.Module, args: tuple[Any, ...],
-              output: torch.Tensor) -> torch.Tensor:
-        return output + self.adapters[key](args[0])
+    def rewrite(self, key: str, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """The MLP's output plus its adapter's branch on the MLP's input."""
+        return output + self.adapters[key](inputs[0])
 
 
 def _refuse_merge(adaptation: Adaptation) -> None:
@@ -166,9 +142,6 @@ def apply_adaptformer(backbone: Backbone, budget: float, options: AdaptFormerOpt
     adaptation.merge_steps.append(_refuse_merge)
     count = size(bottleneck)
     adaptation.resolved.update(adaptformer={"bottleneck": bottleneck, "parameters": count})
-    if count < (1 - BUDGET_TOLERANCE) * entries:
-        message = (f"AdaptFormer at budget {budget} trains {count:,} of {entries:,} parameters: "
-                   f"bottleneck {bottleneck}, one more would exceed the budget")
-        log.warning(message)
-        adaptation.resolved["budget_exception"] = message
+    adaptation.note_budget_shortfall(count, entries, f"bottleneck {bottleneck}, one more would "
+                                                     "exceed the budget")
     return adaptation

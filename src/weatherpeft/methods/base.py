@@ -23,6 +23,7 @@ says what a method trains per step (``trainable``) and what its adapter file mus
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ __all__ = [
     "method_names",
     "register_method",
 ]
+
+log = logging.getLogger(__name__)
 
 #: How far a method's size may land from its budget (relative) before it must say so.
 BUDGET_TOLERANCE = 0.10
@@ -219,6 +222,16 @@ class Adaptation(torch.nn.Module):
         head = sum(p.numel() for p in self.head_parameters().values())
         return ParameterReport(pretrained=self.pretrained_count, trainable=added + dense + per_step,
                                stored=added + dense + stored_masked, head=head)
+
+    def note_budget_shortfall(self, count: int, entries: int, why: str) -> None:
+        """Record and log that the method trains ``count`` of the budget's ``entries`` when that
+        is more than BUDGET_TOLERANCE short; ``why`` says what stops it from growing."""
+        if count >= (1 - BUDGET_TOLERANCE) * entries:
+            return
+        message = (f"{self.method} at budget {self.budget} trains {count:,} of {entries:,} "
+                   f"parameters: {why}")
+        log.warning(message)
+        self.resolved["budget_exception"] = message
 
     def merge(self) -> None:
         """Fold what can be folded into the backbone for deployment (method-specific steps)."""

@@ -35,9 +35,7 @@ naming it, before changing any weight.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +47,10 @@ from torch import nn
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
                                       register_method)
+from weatherpeft.methods.output_hooks import OutputHooks, module_key
 
 __all__ = ["SITE_KINDS", "SSF", "SSFOptions", "ScaleShift", "apply_ssf", "fold_scale_shift",
            "ssf_sites", "transformer_blocks"]
-
-log = logging.getLogger(__name__)
 
 #: Operations of a block that get SSF, as submodule paths inside the block.
 SITE_KINDS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2")
@@ -179,7 +176,7 @@ def fold_scale_shift(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor
         write(module.bias, module.bias.double() * gamma + beta)
 
 
-class SSF(nn.Module):
+class SSF(OutputHooks):
     """SSF's scale-shift pairs for chosen sites of one backbone, applied by forward hooks.
 
     The site modules are referenced, not registered: SSF's parameters and state dict cover
@@ -188,35 +185,15 @@ class SSF(nn.Module):
     """
 
     def __init__(self, sites: list[_Site]) -> None:
-        super().__init__()
         if not sites:
             raise ValueError("SSF needs at least one site")
-        self.site_names = {self._key(s.name): s.name for s in sites}
-        self._modules_by_key = {self._key(s.name): s.module for s in sites}
-        self.sites = nn.ModuleDict({self._key(s.name): ScaleShift(s.features) for s in sites})
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__({module_key(s.name): s.module for s in sites})
+        self.site_names = {module_key(s.name): s.name for s in sites}
+        self.sites = nn.ModuleDict({module_key(s.name): ScaleShift(s.features) for s in sites})
         self.merged = False
 
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "_")
-
-    def attach(self) -> SSF:
-        """Install the hooks: each site's output goes through its ScaleShift."""
-        if self._handles:
-            raise RuntimeError("SSF is already attached")
-        for key, module in self._modules_by_key.items():
-            self._handles.append(module.register_forward_hook(functools.partial(self._hook, key)))
-        return self
-
-    def detach(self) -> None:
-        """Remove the hooks: the backbone computes what its weights say."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, key: str, module: nn.Module, args: tuple[Any, ...],
-              output: torch.Tensor) -> torch.Tensor:
+    def rewrite(self, key: str, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """The site's output through its ScaleShift."""
         return self.sites[key](output)
 
     def merge(self) -> None:
@@ -225,11 +202,11 @@ class SSF(nn.Module):
         if self.merged:
             return
         problems = [f"'{self.site_names[key]}' ({reason})" for key, module
-                    in self._modules_by_key.items() if (reason := _foldable(module)) is not None]
+                    in self._hooked.items() if (reason := _foldable(module)) is not None]
         if problems:
             raise ValueError("SSF cannot be merged: no parameters to absorb γ and β at "
                              + "; ".join(problems) + ". Deploy the adapter (load_adapter) instead")
-        for key, module in self._modules_by_key.items():
+        for key, module in self._hooked.items():
             fold_scale_shift(module, self.sites[key].scale, self.sites[key].shift)
         self.detach()
         self.merged = True
@@ -293,10 +270,7 @@ def apply_ssf(backbone: Backbone, budget: float, options: SSFOptions) -> Adaptat
     adaptation.parts["ssf"] = ssf
     adaptation.merge_steps.append(lambda _: ssf.merge())
     adaptation.resolved.update(ssf={"kinds": list(kinds), "sites": len(chosen), "parameters": count})
-    if count < (1 - BUDGET_TOLERANCE) * entries:
-        message = (f"SSF at budget {budget} trains {count:,} of {entries:,} parameters "
-                   f"({count / pretrained:.4%} of the backbone): its size is fixed by the "
-                   f"architecture (2 × features on {len(chosen)} sites)")
-        log.warning(message)
-        adaptation.resolved["budget_exception"] = message
+    adaptation.note_budget_shortfall(count, entries, f"{count / pretrained:.4%} of the backbone; "
+                                     f"its size is fixed by the architecture (2 × features on "
+                                     f"{len(chosen)} sites)")
     return adaptation

@@ -19,7 +19,6 @@ Deployment: the prompts are fixed tokens (``adaptation.add_prompts``), saved by
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 
@@ -32,9 +31,6 @@ from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError,
 from weatherpeft.methods.prompts import PromptInjector, site_width
 
 __all__ = ["VPTOptions", "VPTPrompts", "apply_vpt"]
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class VPTOptions:
@@ -99,9 +95,6 @@ def apply_vpt(backbone: Backbone, budget: float, options: VPTOptions) -> Adaptat
     adaptation.add_prompts(prompts.prompts, PromptInjector(backbone, prompts.prompts).attach())
     count = length * per_prompt
     adaptation.resolved.update(vpt={"prompt_length": length, "parameters": count})
-    if count < (1 - BUDGET_TOLERANCE) * entries:
-        message = (f"VPT at budget {budget} trains {count:,} of {entries:,} parameters: "
-                   f"{length} prompt(s) per site, one more would exceed the budget")
-        log.warning(message)
-        adaptation.resolved["budget_exception"] = message
+    adaptation.note_budget_shortfall(count, entries, f"{length} prompt(s) per site, one more "
+                                                     "would exceed the budget")
     return adaptation

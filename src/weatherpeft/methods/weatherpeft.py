@@ -137,9 +137,8 @@ def apply_tadp(backbone: Backbone, budget: float, options: TADPOptions) -> Adapt
     adaptation.resolved.update(tadp=_resolved(config))
     _attach_tadp(adaptation, variables, config)
     count = tadp_parameter_count(backbone, len(variables), config)
-    if count < (1 - 0.1) * entries:
-        log.warning("TADP at budget %s uses %d of %d parameters: %d prompts is its longest "
-                    "(prompt_length)", budget, count, entries, config.prompt_length)
+    adaptation.note_budget_shortfall(count, entries, f"{config.prompt_length} prompts is its "
+                                                     "longest (prompt_length)")
     return adaptation
 
 
