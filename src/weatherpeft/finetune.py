@@ -8,6 +8,7 @@ checkpoints and metric log, ``adapter/`` (see :mod:`weatherpeft.adapters`) and
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ class FinetuneConfig:
     ``options``: the method's options as a JSON object (``weatherpeft methods`` lists them).
     ``data``: the task's data (default: its store in the built-in world; post-processing takes
     ``ENSEMBLE,TRUTH``, the ensemble store and the analysis store that verifies it).
+    ``new_lr``: the learning rate of what the method adds and of the task heads (0: the
+    Trainer's ``lr``, which entries of pretrained weights always get).
     """
 
     task: str = "forecasting"
@@ -43,6 +46,11 @@ class FinetuneConfig:
     data: str = ""
     evaluate: bool = True
     threads: int = 1
+    new_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.new_lr >= 0 and math.isfinite(self.new_lr)):
+            raise ValueError(f"FinetuneConfig.new_lr must be ≥ 0 (0: the Trainer's lr), got {self.new_lr}")
 
 
 def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -75,8 +83,11 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     task = build_task(config.task, backbone_statistics(config.backbone), config.data)
     backbone = task_backbone(config.backbone, task)
     adaptation = apply_method(config.method, backbone, config.budget, options)
+    if not any(p.requires_grad for p in adaptation.parameters()):
+        return _score_untrained(config, train, task, adaptation)
     trainer = Trainer(adaptation, task, train, hooks=adaptation.hooks,
-                      param_groups=adaptation.param_groups(train.weight_decay))
+                      param_groups=adaptation.param_groups(train.weight_decay,
+                                                           new_lr=config.new_lr or None))
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
@@ -95,4 +106,18 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
         result["test"] = trainer.evaluate(split="test")
     if distributed.is_main():
         write_json(out / "result.json", result)
+    return result
+
+
+def _score_untrained(config: FinetuneConfig, train: TrainConfig, task: Task, adaptation) -> dict[str, Any]:
+    """A method that leaves nothing to train (``frozen`` on a task without new variables):
+    the loaded backbone is scored as it is; no adapter is written."""
+    result: dict[str, Any] = {"finetune": asdict(config), "fit": {"step": 0.0}, "fit_seconds": 0.0,
+                              "report": adaptation.report().as_dict(), "adapter_bytes": 0}
+    if config.evaluate:
+        loader = task.dataloader("test", train.batch_size)
+        with torch.no_grad():
+            result["test"] = task.evaluate(adaptation, loader)
+    if distributed.is_main():
+        write_json(Path(train.out_dir) / "result.json", result)
     return result

@@ -194,19 +194,29 @@ class Adaptation(torch.nn.Module):
 
     # -- what the Trainer needs -----------------------------------------------------------
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float, new_lr: float | None = None) -> list[dict[str, Any]]:
         """AdamW groups: decay on ≥2-D tensors, none on vectors; masked parameters in their own
         groups, which the MaskedUpdate hook reads (lr, betas, eps, weight decay) and updates
-        itself — AdamW never sees their gradients, so it keeps no dense state for them."""
+        itself — AdamW never sees their gradients, so it keeps no dense state for them.
+
+        ``new_lr``: a learning rate of its own for the parameters the method added and the task
+        heads ("new_*" groups); pretrained entries keep the optimizer's.
+        """
         masked = self._masked_ids()
-        dense = [p for p in self.parameters() if p.requires_grad and id(p) not in masked]
+        new = {id(p) for p in self.added_parameters().values()} | \
+            {id(p) for p in self.head_parameters().values()} if new_lr is not None else set()
+        dense = [p for p in self.parameters()
+                 if p.requires_grad and id(p) not in masked and id(p) not in new]
+        fresh = [p for p in self.parameters() if p.requires_grad and id(p) in new]
         sparse = [p for update in self.masked_updates for p in update.parameters.values()]
-        candidates = (("decay", [p for p in dense if p.ndim >= 2], weight_decay),
-                      ("no_decay", [p for p in dense if p.ndim < 2], 0.0),
-                      ("masked_decay", [p for p in sparse if p.ndim >= 2], weight_decay),
-                      ("masked_no_decay", [p for p in sparse if p.ndim < 2], 0.0))
-        groups = [{"params": params, "weight_decay": decay, "name": name}
-                  for name, params, decay in candidates if params]
+        candidates = (("decay", [p for p in dense if p.ndim >= 2], weight_decay, {}),
+                      ("no_decay", [p for p in dense if p.ndim < 2], 0.0, {}),
+                      ("new_decay", [p for p in fresh if p.ndim >= 2], weight_decay, {"lr": new_lr}),
+                      ("new_no_decay", [p for p in fresh if p.ndim < 2], 0.0, {"lr": new_lr}),
+                      ("masked_decay", [p for p in sparse if p.ndim >= 2], weight_decay, {}),
+                      ("masked_no_decay", [p for p in sparse if p.ndim < 2], 0.0, {}))
+        groups = [{"params": params, "weight_decay": decay, "name": name, **extra}
+                  for name, params, decay, extra in candidates if params]
         if not groups:
             raise ValueError(f"method '{self.method}' left nothing trainable")
         return groups

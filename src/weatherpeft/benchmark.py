@@ -1,0 +1,304 @@
+"""The benchmark: every method × task × budget × seed, trained and scored the same way.
+
+A *profile* fixes the grid and the training protocol; the command line can narrow it.
+Every run is :func:`weatherpeft.finetune.run_finetune` with the same Trainer settings, so
+methods differ only in what they train. One learning-rate protocol holds for every method:
+entries of pretrained weights (full fine-tuning, Child-Tuning, random masks, SFAS) move with
+``lr``; parameters a method adds (LoRA, prompts, adapters, SSF scales) and task heads with
+``new_lr``. ``full`` and ``frozen`` have no budget and run once per task and seed.
+
+Runs go to a pool of ``workers`` fresh processes (one run per process, so each run's peak
+memory is its own); under ``torchrun`` every rank runs the grid in order with the profile's
+``strategy``. ``DIR/benchmark.json`` is rewritten (atomically) after every run, and
+``--resume`` keeps the records it already holds for the same settings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import multiprocessing
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weatherpeft.atomic import write_json
+
+__all__ = ["BenchmarkConfig", "PROFILES", "Profile", "Run", "failed_record", "plan", "run_benchmark",
+           "run_one"]
+
+log = logging.getLogger(__name__)
+
+#: Methods with no budget: trained (or scored) once per task and seed.
+BUDGET_FREE = ("full", "frozen")
+#: The paper's comparison, in its table order.
+PAPER_METHODS = ("full", "frozen", "lora", "dora", "ssf", "vpt", "adaptformer", "child_tuning",
+                 "random_mask", "tadp", "sfas", "weatherpeft")
+#: The paper's budgets: ~0.3 % and ~4 % of the backbone.
+PAPER_BUDGETS = (0.003, 0.04)
+TASK_NAMES = ("downscaling", "postprocessing", "precipitation")
+#: Keys every record has (the JSON schema the tests check).
+RECORD_KEYS = ("task", "method", "budget", "seed", "steps", "batch_size", "lr", "new_lr",
+               "trainable", "stored", "head", "pretrained", "adapter_bytes", "metrics",
+               "train_seconds", "step_seconds", "peak_memory_bytes", "error")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A benchmark grid and its training protocol (steps and batch size per task)."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    budgets: tuple[float, ...]
+    steps: dict[str, int]
+    batch_size: dict[str, int]
+    seeds: tuple[int, ...] = (0,)
+    lr: float = 3e-4
+    new_lr: float = 2e-3
+    workers: int = 2
+
+
+PROFILES = {
+    # Minutes: the core comparison at the small budget, few steps.
+    "quick": Profile(tasks=TASK_NAMES, methods=("full", "frozen", "lora", "weatherpeft"),
+                     budgets=(0.003,), steps={"downscaling": 30, "postprocessing": 40,
+                                              "precipitation": 30},
+                     batch_size={"downscaling": 4, "postprocessing": 4, "precipitation": 4}),
+    # The paper's tables: every method at both budgets on all three tasks (≤ 60 min, 2 cores).
+    "standard": Profile(tasks=TASK_NAMES, methods=PAPER_METHODS, budgets=PAPER_BUDGETS,
+                        steps={"downscaling": 120, "postprocessing": 150, "precipitation": 120},
+                        batch_size={"downscaling": 2, "postprocessing": 2, "precipitation": 2}),
+}
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to run. Empty/zero fields take the profile's value.
+
+    ``options``: JSON object of method → options, e.g. '{"weatherpeft": {"budget_mode": "strict"}}'.
+    """
+
+    profile: str = "quick"
+    out: str = "runs/benchmark"
+    tasks: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    budgets: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = ()
+    steps: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    new_lr: float = 0.0
+    workers: int = 0
+    options: str = "{}"
+    backbone: str = "models/aurora-tiny"
+    strategy: str = "none"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown benchmark profile '{self.profile}'; known: {sorted(PROFILES)}")
+        unknown = sorted(set(self.tasks) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the benchmark's tasks are {list(TASK_NAMES)}")
+        for budget in self.budgets:
+            if not 0 < budget <= 1:
+                raise ValueError(f"a budget is a fraction in (0, 1], got {budget}")
+        for name in ("steps", "batch_size", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"BenchmarkConfig.{name} must not be negative, got {getattr(self, name)}")
+        if self.lr < 0 or self.new_lr < 0:
+            raise ValueError(f"learning rates must not be negative, got lr={self.lr}, new_lr={self.new_lr}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid and how it is trained."""
+
+    task: str
+    method: str
+    budget: float | None
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    new_lr: float
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        budget = "nobudget" if self.budget is None else f"b{self.budget:g}"
+        return f"{self.task}/{self.method}-{budget}-s{self.seed}"
+
+    def settings(self) -> dict[str, Any]:
+        """What identifies a finished record (``--resume`` reuses records that match; failed
+        runs are tried again)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()}
+
+
+def plan(config: BenchmarkConfig) -> list[Run]:
+    """The runs of ``config``: its profile narrowed or overridden by the given fields."""
+    from weatherpeft.finetune import parse_options
+    from weatherpeft.methods.base import method_names
+
+    profile = PROFILES[config.profile]
+    methods = config.methods or profile.methods
+    unknown = sorted(set(methods) - set(method_names()))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {method_names()}")
+    options = parse_options(config.options)
+    for method, value in options.items():
+        if method not in methods or not isinstance(value, dict):
+            raise ValueError(f"--options maps a benchmarked method to its options object; got "
+                             f"'{method}': {value!r} (methods: {list(methods)})")
+    runs = []
+    for task in config.tasks or profile.tasks:
+        for method in methods:
+            budgets = (None,) if method in BUDGET_FREE else (config.budgets or profile.budgets)
+            for budget in budgets:
+                for seed in config.seeds or profile.seeds:
+                    runs.append(Run(task=task, method=method, budget=budget, seed=seed,
+                                    steps=config.steps or profile.steps[task],
+                                    batch_size=config.batch_size or profile.batch_size[task],
+                                    lr=config.lr or profile.lr, new_lr=config.new_lr or profile.new_lr,
+                                    options=options.get(method, {})))
+    return runs
+
+
+def _peak_memory_bytes() -> int:
+    """CUDA: the peak allocated since the run started; CPU: this process's peak resident set."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def failed_record(run: Run, out: str | Path, error: BaseException | str) -> dict[str, Any]:
+    """The record of a run that produced no scores, saying why."""
+    record: dict[str, Any] = {**run.settings(), "settings": run.settings(),
+                              "run_dir": str(Path(out) / "runs" / run.name),
+                              "error": error if isinstance(error, str) else
+                              f"{type(error).__name__}: {error}"}
+    record.update(trainable=None, stored=None, head=None, pretrained=None, adapter_bytes=None,
+                  metrics={}, train_seconds=None, step_seconds=None, peak_memory_bytes=None)
+    return record
+
+
+def run_one(run: Run, out: str, backbone: str, strategy: str = "none") -> dict[str, Any]:
+    """Train and score one run in ``out``/runs/<name>; returns its record."""
+    import torch
+
+    from weatherpeft.finetune import FinetuneConfig, run_finetune
+    from weatherpeft.methods.base import BudgetError
+    from weatherpeft.train import TrainConfig
+
+    folder = Path(out) / "runs" / run.name
+    record = failed_record(run, out, "")
+    record["error"] = None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    finetune = FinetuneConfig(task=run.task, backbone=backbone, method=run.method,
+                              budget=1.0 if run.budget is None else run.budget,
+                              options=json.dumps(run.options), new_lr=run.new_lr)
+    train = TrainConfig(steps=run.steps, batch_size=run.batch_size, lr=run.lr,
+                        warmup_steps=max(1, run.steps // 10), min_lr_ratio=0.1, grad_clip=1.0,
+                        log_every=max(1, run.steps // 5), seed=run.seed, progress=False,
+                        out_dir=str(folder), strategy=strategy)
+    if folder.exists():  # an unfinished earlier attempt: start it over
+        shutil.rmtree(folder)
+    try:
+        result = run_finetune(finetune, train)
+    except BudgetError as error:  # the method cannot reach this budget: a row saying why
+        return failed_record(run, out, str(error))
+    report = result.get("report", {})
+    steps = int(result["fit"]["step"])
+    record.update(trainable=report.get("trainable"), stored=report.get("stored"),
+                  head=report.get("head"), pretrained=report.get("pretrained"),
+                  adapter_bytes=result.get("adapter_bytes"), metrics=result.get("test", {}),
+                  steps=steps, train_seconds=result["fit_seconds"],
+                  step_seconds=result["fit_seconds"] / steps if steps else None,
+                  peak_memory_bytes=_peak_memory_bytes())
+    return record
+
+
+def _run_in_child(run: Run, out: str, backbone: str) -> dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_one(run, out, backbone)
+
+
+def _about(config: BenchmarkConfig, workers: int) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {"profile": config.profile, "command": "weatherpeft " + " ".join(sys.argv[1:])
+            if Path(sys.argv[0]).name == "weatherpeft" else " ".join(sys.argv),
+            "config": dataclasses.asdict(config), "workers": workers,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+            f"CPU ({platform.processor() or platform.machine()}), 1 thread per run",
+            "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_benchmark(config: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Run the grid; write ``benchmark.json``, ``benchmark.md`` and the plots into ``config.out``."""
+    from weatherpeft import distributed
+    from weatherpeft.benchmark_report import write_report
+
+    out = Path(config.out)
+    runs = plan(config)
+    done: dict[str, dict[str, Any]] = {}
+    json_path = out / "benchmark.json"
+    if config.resume and json_path.is_file():
+        for record in json.loads(json_path.read_text())["records"]:
+            if "settings" in record and not record["error"]:
+                done[json.dumps(record["settings"], sort_keys=True)] = record
+    elif json_path.is_file():
+        raise FileExistsError(f"{json_path} exists: pass --resume to continue it, or choose another --out")
+    launched = distributed.launched()
+    workers = 1 if launched else (config.workers or PROFILES[config.profile].workers)
+    about = _about(config, workers)
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for run in runs:
+        key = json.dumps(run.settings(), sort_keys=True)
+        if key in done:
+            records[run.name] = done[key]
+        else:
+            todo.append(run)
+    log.info("benchmark: %d runs (%d already done), %d worker(s)", len(runs), len(runs) - len(todo), workers)
+
+    def finished(record: dict[str, Any]) -> None:
+        records[Path(record["run_dir"]).relative_to(out / "runs").as_posix()] = record
+        ordered = [records[r.name] for r in runs if r.name in records]
+        if not launched or distributed.is_main():
+            write_json(json_path, {"about": about, "records": ordered}, sort_keys=False)
+        status = record["error"] or f"{record['train_seconds']:.0f} s"
+        print(f"[{len(records)}/{len(runs)}] {record['task']} {record['method']} "
+              f"budget {record['budget']} seed {record['seed']}: {status}", flush=True)
+
+    if launched:
+        for run in todo:
+            finished(run_one(run, str(out), config.backbone, config.strategy))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                    max_tasks_per_child=1) as pool:
+            futures = {pool.submit(_run_in_child, run, str(out), config.backbone): run for run in todo}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    finished(future.result())
+                except Exception as error:  # one failed run must not lose the others
+                    log.exception("run %s failed", futures[future].name)
+                    finished(failed_record(futures[future], out, error))
+    ordered = [records[r.name] for r in runs]
+    if not launched or distributed.is_main():
+        about["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(json_path, {"about": about, "records": ordered}, sort_keys=False)
+        write_report(ordered, about, out)
+    return ordered
