@@ -75,13 +75,21 @@ def test_data_check_reports_a_missing_path_as_an_error(tmp_path, capsys):
     assert "store not found" in capsys.readouterr().err
 
 
-def test_demo_runs_on_the_built_in_world(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "checksums verified" in out and "z_500" in out
-    assert "24 h forecast by aurora-tiny" in out
-    assert out.count("reloaded: outputs identical") == 2  # both SFAS budget modes round-trip
-    assert "= 4.00% of the weights" in out  # strict mode never exceeds the budget
+def test_demo_compares_weatherpeft_and_lora_and_writes_adapters_and_a_map(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--batch-size", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "checksums verified" in printed and "24 h forecast by aurora-tiny" in printed
+    assert "| RMSE on the test month | bilinear | frozen backbone | LoRA | WeatherPEFT |" in printed
+    rows = {line.split(" | ")[0].strip("| "): line for line in printed.splitlines() if line.startswith("| ")}
+    assert {"2t (K)", "10u (m/s)", "10v (m/s)", "t850 (K)", "z500 (m²/s²)", "parameters stored",
+            "adapter file"} <= set(rows)
+    for method in ("lora", "weatherpeft"):
+        result = json.loads((out / method / "result.json").read_text())
+        assert f"{result['test']['model/rmse/2t']:.4g}" in rows["2t (K)"]
+        assert (out / method / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "weatherpeft_2t_map.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"weatherpeft adapter info {out / 'weatherpeft' / 'adapter'}" in printed
 
 
 def test_finetune_and_evaluate_a_downstream_task_with_maps(tmp_path, capsys):

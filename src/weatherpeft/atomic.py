@@ -1,11 +1,15 @@
 """Crash-safe writes: write a temporary file (or folder) beside the target, fsync, then rename.
 
-A reader never sees a half-written file, and a crash or error leaves the previous file
-(if any) in place and no temporary behind.
+A reader never sees a half-written file, and an error leaves the previous file (if any) in
+place and no temporary behind. After the rename the parent folder is fsynced too, so the
+new name survives a power loss. A process killed outright (SIGKILL) mid-write keeps the
+previous file as well, but leaves its temporary (``.<name>.<random>.tmp``) behind:
+:func:`remove_leftovers` deletes those.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +18,25 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's content, or a folder's entries, to disk.
+
+    Folders are skipped on Windows (they cannot be opened) and where the file system does
+    not sync them (EINVAL, ENOTSUP).
+    """
+    folder = path.is_dir()
+    if folder and os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if not (folder and error.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -25,13 +48,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     temporary = Path(name)
     try:
         write(temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
+        _fsync(temporary)
         os.chmod(temporary, 0o644)  # mkstemp makes 0600; written files are ordinary files
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
     return path
 
 
@@ -52,6 +75,22 @@ def torch_save(path: str | os.PathLike, content: Any) -> Path:
     return atomic_write(path, lambda temporary: torch.save(content, temporary))
 
 
+def remove_leftovers(folder: str | os.PathLike, name_pattern: str = "*") -> list[Path]:
+    """Delete the temporaries that killed writes of ``folder/<name_pattern>`` left behind.
+
+    ``name_pattern`` is a glob of target names (e.g. ``"step_*.pt"``). Call it only while
+    nothing else writes such files in ``folder``: a write in progress looks the same.
+    Returns what was removed.
+    """
+    leftovers = sorted(Path(folder).glob(f".{name_pattern}.*.tmp"))
+    for leftover in leftovers:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return leftovers
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], marker: str) -> Path:
     """Let ``write`` fill a temporary sibling folder, then move it to ``path`` in one rename.
 
@@ -67,10 +106,8 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], mar
     temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         write(temporary)
-        for item in temporary.rglob("*"):
-            if item.is_file():
-                with open(item, "rb") as stream:
-                    os.fsync(stream.fileno())
+        for item in [*temporary.rglob("*"), temporary]:  # files and the folders' entries
+            _fsync(item)
         if path.exists():
             previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(path, previous)
@@ -85,4 +122,5 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], mar
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    _fsync(path.parent)
     return path

@@ -31,7 +31,8 @@ from typing import Any
 from weatherpeft.atomic import write_json
 
 __all__ = ["BenchmarkConfig", "PROFILES", "Profile", "Run", "failed_record", "plan", "run_benchmark",
-           "run_one"]
+           "run_one",
+           "training_protocol"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,17 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def training_protocol(steps: int, batch_size: int, lr: float, seed: int, out_dir: str | Path, *,
+                      strategy: str = "none", progress: bool = False):
+    """The Trainer settings of every benchmark run (and the demo): AdamW, 10 % linear warm-up,
+    cosine decay to 0.1 × ``lr``, gradient clipping at norm 1."""
+    from weatherpeft.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
+                       min_lr_ratio=0.1, grad_clip=1.0, log_every=max(1, steps // 5), seed=seed,
+                       progress=progress, out_dir=str(out_dir), strategy=strategy)
+
+
 def failed_record(run: Run, out: str | Path, error: BaseException | str) -> dict[str, Any]:
     """The record of a run that produced no scores, saying why."""
     record: dict[str, Any] = {**run.settings(), "settings": run.settings(),
@@ -196,7 +208,6 @@ def run_one(run: Run, out: str, backbone: str, strategy: str = "none") -> dict[s
 
     from weatherpeft.finetune import FinetuneConfig, run_finetune
     from weatherpeft.methods.base import BudgetError
-    from weatherpeft.train import TrainConfig
 
     folder = Path(out) / "runs" / run.name
     record = failed_record(run, out, "")
@@ -206,10 +217,7 @@ def run_one(run: Run, out: str, backbone: str, strategy: str = "none") -> dict[s
     finetune = FinetuneConfig(task=run.task, backbone=backbone, method=run.method,
                               budget=1.0 if run.budget is None else run.budget,
                               options=json.dumps(run.options), new_lr=run.new_lr)
-    train = TrainConfig(steps=run.steps, batch_size=run.batch_size, lr=run.lr,
-                        warmup_steps=max(1, run.steps // 10), min_lr_ratio=0.1, grad_clip=1.0,
-                        log_every=max(1, run.steps // 5), seed=run.seed, progress=False,
-                        out_dir=str(folder), strategy=strategy)
+    train = training_protocol(run.steps, run.batch_size, run.lr, run.seed, folder, strategy=strategy)
     if folder.exists():  # an unfinished earlier attempt: start it over
         shutil.rmtree(folder)
     try:

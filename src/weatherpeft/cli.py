@@ -118,120 +118,9 @@ def cmd_data_card(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Load the built-in world, check it, read a sample, and print a short summary."""
-    from weatherpeft.data import builtin, manifest, wb2
-    from weatherpeft.data.stats import NormalisationStats
+    from weatherpeft.demo import DemoConfig, run_demo
 
-    root = builtin.builtin_dir()
-    problems = manifest.verify_manifest(root)
-    if problems:
-        print("built-in world does not match its manifest:\n  " + "\n  ".join(problems))
-        return 1
-    content = json.loads((root / manifest.MANIFEST_NAME).read_text())
-    print(f"built-in world at {root}: {len(content['files'])} files, "
-          f"{content['total_bytes'] / 2**20:.1f} MiB, checksums verified")
-    for name in builtin.STORES:
-        print(describe_store(builtin.store_path(name)))
-    stats = NormalisationStats.load(root / "normalisation.json")
-    dataset = wb2.WB2Dataset(builtin.store_path("downstream"), wb2.SampleSpec())
-    inputs, target = wb2.collate_batches([dataset[0], dataset[len(dataset) // 2]])
-    print(f"forecasting samples (2 inputs 6 h apart → +6 h): {len(dataset)}; a batch of 2:")
-    levels = inputs.metadata.atmos_levels
-    for group, kind in ((inputs.surf_vars, "surf_vars"), (inputs.atmos_vars, "atmos_vars")):
-        for key, value in group.items():
-            keys = [key] if kind == "surf_vars" else [f"{key}_{int(level)}" for level in levels]
-            norm = ", ".join(f"{k} ({stats.locations[k]:.4g} ± {stats.scales[k]:.3g})" for k in keys)
-            print(f"  {key:>4}: input {tuple(value.shape)}, target {tuple(getattr(target, kind)[key].shape)}; "
-                  f"normalised by {norm}")
-    card_path = root / "data_card.json"
-    if card_path.is_file():
-        world = json.loads(card_path.read_text())["downstream"]
-        print("realism (downstream year): " + ", ".join(
-            f"{k} = {v:.3g}" for k, v in world.items() if isinstance(v, float) and
-            k in ("global_mean_precipitation_mm_per_day", "dry_fraction_6h_below_0.1mm", "itcz_seasonal_shift_deg",
-                  "t2m_global_mean_k", "jet_max_zonal_mean_u500_nh_ms")))
-    checkpoint = _demo_forecast(dataset)
-    if checkpoint is not None:
-        _demo_finetune(checkpoint)
-    return 0
-
-
-def _demo_forecast(dataset) -> Path | None:
-    """A 24-hour roll-out of the shipped pretrained backbone on one downstream sample; returns
-    the backbone's checkpoint folder (None where it is missing)."""
-    import torch
-
-    from weatherpeft.backbones.aurora import AuroraBackbone
-    from weatherpeft.data import builtin
-    from weatherpeft.metrics import rmse
-    from weatherpeft.tasks.forecasting import rollout
-
-    checkpoint = builtin.builtin_dir().parents[1] / "models" / "aurora-tiny"
-    if not (checkpoint / "model.safetensors").is_file():
-        print(f"(no pretrained backbone at {checkpoint}: skipping the forecast and fine-tuning)")
-        return None
-    backbone = AuroraBackbone.from_checkpoint(checkpoint)
-    inputs, _ = dataset[0]
-    with torch.no_grad():
-        forecast = list(rollout(backbone, inputs, 4))[-1]
-    truth, _ = dataset[4]  # its last input time is 24 h after the first sample's
-    lat = inputs.metadata.lat
-    print(f"24 h forecast by {checkpoint.name} from {inputs.metadata.time[0]:%Y-%m-%d %H:%M} "
-          f"({sum(p.numel() for p in backbone.parameters()):,} parameters), RMSE model vs persistence:")
-    for name in ("2t", "msl"):
-        model_error = float(rmse(forecast.surf_vars[name][:, -1], truth.surf_vars[name][:, -1], lat))
-        persistence = float(rmse(inputs.surf_vars[name][:, -1], truth.surf_vars[name][:, -1], lat))
-        print(f"  {name:>4}: {model_error:.3g} vs {persistence:.3g}")
-    return checkpoint
-
-
-def _demo_finetune(checkpoint: Path, steps: int = 20) -> None:
-    """Short WeatherPEFT fine-tunes of the shipped backbone in both SFAS budget modes: their
-    parameter reports, adapter sizes, and an exact adapter round trip."""
-    import tempfile
-
-    import torch
-
-    from weatherpeft.adapters import load_adapter, save_adapter
-    from weatherpeft.backbones import load_backbone
-    from weatherpeft.finetune import build_task
-    from weatherpeft.methods.base import apply_method
-    from weatherpeft.train import TrainConfig, Trainer, seed_everything
-
-    torch.set_num_threads(1)
-    checkpoint_bytes = (checkpoint / "model.safetensors").stat().st_size
-    print(f"WeatherPEFT (TADP + SFAS) at budget 0.04 on {checkpoint.name}, {steps} steps of 2003 forecasting:")
-    for mode in ("union", "strict"):
-        seed_everything(0)
-        backbone = load_backbone(checkpoint)
-        task = build_task("forecasting", backbone.stats)
-        adaptation = apply_method("weatherpeft", backbone, 0.04, {"budget_mode": mode})
-        with tempfile.TemporaryDirectory() as folder:
-            config = TrainConfig(steps=steps, batch_size=2, lr=3e-4, val_batches=4, log_every=0,
-                                 progress=False, out_dir=folder)
-            trainer = Trainer(adaptation, task, config, hooks=adaptation.hooks,
-                              param_groups=adaptation.param_groups(config.weight_decay))
-            before = trainer.validate()
-            start = time.perf_counter()
-            trainer.fit()
-            seconds = time.perf_counter() - start
-            after = trainer.validate()
-            report = adaptation.report()
-            adapter = save_adapter(adaptation, Path(folder) / "adapter")
-            size = (adapter / "adapter.safetensors").stat().st_size
-            reloaded = load_adapter(adapter, load_backbone(checkpoint)).eval()
-            inputs, _ = next(iter(task.dataloader("val", 1)))
-            adaptation.eval()
-            with torch.no_grad():
-                exact = torch.equal(adaptation(inputs).surf_vars["2t"], reloaded(inputs).surf_vars["2t"])
-        resolved = adaptation.resolved
-        print(f"  SFAS {mode:>6}: TADP {resolved['tadp_parameters']:,} parameters ({resolved['tadp']['prompt_length']} "
-              f"prompts/block) + {adaptation.masked_updates[0].per_step_entries:,} selected entries per step; "
-              f"{seconds:.1f} s; validation loss {before:.5f} → {after:.5f}")
-        print(f"  {'':>12} stored (ever moved) {report.stored:,} = {report.stored_fraction:.2%} of the weights; "
-              f"adapter {size / 2**20:.2f} MiB = {size / checkpoint_bytes:.1%} of the checkpoint; "
-              f"reloaded: outputs {'identical' if exact else 'DIFFER'}")
-    print("  (union: the paper's per-step budget, the moved set grows; strict: it never exceeds the budget)")
+    return run_demo(build_config(DemoConfig, args))
 
 
 @dataclass
@@ -496,28 +385,10 @@ def _evaluate_on_task(cfg: EvaluateConfig) -> int:
 
 def _write_map(model, task, cfg: EvaluateConfig) -> Path:
     """Prediction, truth and error of ``cfg.map_variable`` for test sample ``cfg.map_sample``."""
-    import torch
+    from weatherpeft.plots import save_task_map
 
-    from weatherpeft.plots import save_field_maps
-
-    with torch.no_grad():
-        prediction, truth = task.sample_prediction(model, "test", cfg.map_sample)
-    name, _, level = cfg.map_variable.partition("_")
-    if name in prediction.surf_vars:
-        fields = prediction.surf_vars[name][0, -1], truth.surf_vars[name][0, -1]
-    elif name in prediction.atmos_vars and level:
-        levels = list(truth.metadata.atmos_levels)
-        if int(level) not in levels:
-            raise ValueError(f"level {level} not among the task's levels {levels}")
-        index = levels.index(int(level))
-        fields = prediction.atmos_vars[name][0, -1, index], truth.atmos_vars[name][0, -1, index]
-    else:
-        known = list(prediction.surf_vars) + [f"{v}_<level>" for v in prediction.atmos_vars]
-        raise ValueError(f"--map-variable {cfg.map_variable!r} is not predicted; choose from {known}")
-    metadata = truth.metadata
     path = Path(cfg.out) / f"map_{cfg.map_variable}_sample{cfg.map_sample}.png"
-    return save_field_maps(*fields, metadata.lat, metadata.lon, path,
-                           title=f"{task.name}: {cfg.map_variable} at {metadata.time[0]:%Y-%m-%d %H:%M}")
+    return save_task_map(model, task, cfg.map_variable, path, sample=cfg.map_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -595,7 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--budget", type=float, default=0.003)
     methods.set_defaults(func=cmd_methods)
 
-    demo = commands.add_parser("demo", help="load the built-in world and print a summary")
+    from weatherpeft.demo import DemoConfig
+
+    demo = commands.add_parser("demo", help="the main job: WeatherPEFT vs LoRA on built-in downscaling, minutes",
+                               description="Checks the built-in world, forecasts 24 h with the shipped "
+                                           "backbone, then fine-tunes it for downscaling with WeatherPEFT and "
+                                           "with LoRA at one budget: an RMSE table, adapters and a map.")
+    add_dataclass_arguments(demo, DemoConfig)
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -609,6 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"weatherpeft: error: {error}", file=sys.stderr)
         return 2
+    except BaseException as error:
+        from weatherpeft.train import DivergenceError, TrainingInterrupted
+
+        if not isinstance(error, (DivergenceError, TrainingInterrupted)):
+            raise
+        print(f"weatherpeft: {error}", file=sys.stderr)
+        return error.exit_code  # 128 + signal for a stop signal, 1 for divergence
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 
 from weatherpeft.atomic import atomic_write
 
-__all__ = ["save_field_maps"]
+__all__ = ["save_field_maps", "save_task_map"]
 
 
 def _array(values) -> np.ndarray:
@@ -63,3 +63,28 @@ def save_field_maps(prediction, truth, lat, lon, path: str | os.PathLike, *, tit
         return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     finally:
         plt.close(figure)
+
+
+def save_task_map(model, task, variable: str, path: str | os.PathLike, *, sample: int = 0,
+                  split: str = "test") -> Path:
+    """Maps of ``variable`` ("2t", or "t_850" for a level) predicted by ``model`` for sample
+    ``sample`` of the task's ``split``, beside the truth and the error."""
+    import torch
+
+    with torch.no_grad():
+        prediction, truth = task.sample_prediction(model, split, sample)
+    name, _, level = variable.partition("_")
+    if name in prediction.surf_vars:
+        fields = prediction.surf_vars[name][0, -1], truth.surf_vars[name][0, -1]
+    elif name in prediction.atmos_vars and level:
+        levels = [int(value) for value in truth.metadata.atmos_levels]
+        if not level.isdigit() or int(level) not in levels:
+            raise ValueError(f"level {level!r} is not among the task's levels {levels}")
+        index = levels.index(int(level))
+        fields = prediction.atmos_vars[name][0, -1, index], truth.atmos_vars[name][0, -1, index]
+    else:
+        known = list(prediction.surf_vars) + [f"{v}_<level>" for v in prediction.atmos_vars]
+        raise ValueError(f"map variable {variable!r} is not predicted; choose from {known}")
+    metadata = truth.metadata
+    return save_field_maps(*fields, metadata.lat, metadata.lon, path,
+                           title=f"{task.name}: {variable} at {metadata.time[0]:%Y-%m-%d %H:%M}")

@@ -24,6 +24,17 @@ progress and writes metric files and checkpoints. Hooks get the Trainer, whose `
 the unwrapped module (the DDP wrapper is ``trainer.wrapped``; FSDP shards ``model`` in place,
 so its parameters are then DTensors). FSDP checkpoints hold the full (gathered) weights and
 optimizer state plus each rank's hook state, and resume under FSDP with the same world size.
+
+Faults. Preemption: SIGTERM or SIGINT during the training loop of :meth:`Trainer.fit` lets
+the current optimizer step finish, checkpoints it and raises :class:`TrainingInterrupted`
+(a second signal aborts at once); ``fit(resume=True)`` then continues exactly. Under torchrun
+the ranks agree once per step, so all stop after the same step. Checkpoints are written
+atomically (temporary file, fsync, rename, fsync of the folder), so a kill mid-save keeps
+the previous one; older ones are pruned only after the new one is in place, and temporaries
+left by a killed save are removed by the next one. Divergence: a non-finite loss or gradient
+norm never reaches ``optimizer.step()``; ``TrainConfig.on_nonfinite`` either stops with a
+:class:`DivergenceError` that says where the first non-finite value came from, or skips the
+update; a checkpoint of non-finite weights is refused.
 """
 
 from __future__ import annotations
@@ -35,10 +46,12 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,14 +64,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from weatherpeft import distributed
-from weatherpeft.atomic import torch_save, write_text
+from weatherpeft.atomic import remove_leftovers, torch_save, write_text
 from weatherpeft.tasks.base import Task
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "DivergenceError",
     "TrainConfig",
     "Trainer",
     "TrainerHook",
+    "TrainingInterrupted",
     "default_param_groups",
     "epoch_permutation",
     "latest_checkpoint",
@@ -73,6 +88,38 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "weatherpeft.checkpoint/1"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})\.pt$")
 METRICS_FILE = "metrics.jsonl"
+#: Signals that make :meth:`Trainer.fit` checkpoint and stop after the current step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(BaseException):
+    """:meth:`Trainer.fit` stopped on a signal, after finishing a step and checkpointing it.
+
+    ``signum``: the signal; ``step``: completed optimizer steps, all in ``checkpoint``;
+    ``exit_code``: the shell's convention 128 + signal (143 for SIGTERM, 130 for SIGINT).
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` does not swallow a
+    request to stop. Continue with ``fit(resume=True)``.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(signum, step, checkpoint)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        return (f"training stopped by {signal.Signals(self.signum).name} after step {self.step}; "
+                f"checkpoint {self.checkpoint} (resume to continue)")
+
+
+class DivergenceError(FloatingPointError):
+    """A non-finite loss, gradient or weight; the message names the step, the learning rate
+    and where the first non-finite value was found. ``exit_code`` is the CLI's exit status."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, step: int, lr: float):
+        super().__init__(message)
+        self.step, self.lr = step, lr
 
 
 # --------------------------------------------------------------------------------------
@@ -93,6 +140,12 @@ class TrainConfig:
     also keeps parameters in bf16 for compute). ``device`` "auto" picks CUDA when available
     (the rank's own GPU under torchrun). ``strategy``: "none" | "ddp" | "fsdp" (multi-process
     under torchrun; ``batch_size`` is then per rank, see the module doc).
+
+    ``on_nonfinite``: what a non-finite loss or gradient norm does — "stop" raises
+    :class:`DivergenceError`; "skip" drops that update (no optimizer, scheduler or hook step;
+    ``step`` does not advance, the data does, so the next batches redo the step), warns, and
+    counts it in ``skipped_steps``; more than ``max_skipped_steps`` skips in a run raise
+    :class:`DivergenceError`.
     """
 
     steps: int = 1000
@@ -118,13 +171,16 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     strategy: str = "none"
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "accumulation_steps", "val_batches", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_every", "checkpoint_every", "log_every", "num_workers"):
+        for name in ("warmup_steps", "val_every", "checkpoint_every", "log_every", "num_workers",
+                     "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -137,6 +193,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must hold two values, got {self.betas}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"TrainConfig.amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"TrainConfig.on_nonfinite must be 'stop' or 'skip', "
+                             f"got {self.on_nonfinite!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"TrainConfig.strategy must be one of {distributed.STRATEGIES}, "
                              f"got {self.strategy!r}")
@@ -157,12 +216,15 @@ class TrainerHook(Protocol):
 
     ``on_fit_start(trainer)``: once per :meth:`Trainer.fit`, after any resume.
     ``on_after_backward(trainer, step)``: after backward of all micro-batches, before
-    gradient clipping — full gradients, for selection methods to read and mask.
+    gradient clipping — full gradients, for selection methods to read and mask; called only
+    when the loss and every gradient are finite.
     ``on_before_optimizer_step(trainer, step)``: after gradient clipping, before
-    ``optimizer.step()`` — gradients are final here. ``on_after_optimizer_step(trainer, step)``: after ``optimizer.step()`` and the
-    scheduler. ``step`` is the 0-based index of this optimizer step (``trainer.step`` is the
-    number of completed steps). ``state_dict()``/``load_state_dict()`` make the hook's state
-    part of checkpoints; it must hold only tensors and plain Python values.
+    ``optimizer.step()`` — gradients are final here. ``on_after_optimizer_step(trainer,
+    step)``: after ``optimizer.step()`` and the scheduler. ``step`` is the 0-based index of
+    this optimizer step (``trainer.step`` is the number of completed steps); an update
+    skipped for a non-finite value calls none of these, and the next batches redo the same
+    ``step``. ``state_dict()``/``load_state_dict()`` make the hook's state part of
+    checkpoints; it must hold only tensors and plain Python values.
     ``rebind_parameters(mapping)``: under FSDP, once, when the Trainer is built — sharding
     replaced the model's parameters by new DTensor objects, ``mapping`` is id(old) → new; a
     hook holding parameters must follow them, or raise if it cannot work on shards.
@@ -240,11 +302,14 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=_generator(seed, epoch))
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: seed python and numpy from torch's per-worker seed."""
+def _init_worker(worker_id: int) -> None:
+    """DataLoader worker init: seed python and numpy from torch's per-worker seed; ignore the
+    stop signals (the main process finishes its step first, then shuts the workers down)."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def move_to(value: Any, device: torch.device | str) -> Any:
@@ -258,6 +323,42 @@ def move_to(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, dict):
         return {k: move_to(v, device) for k, v in value.items()}
     return value
+
+
+def _first_nonfinite(value: Any, path: str) -> str | None:
+    """Where the first NaN or infinity in ``value`` is — ``path`` extended by field, key or
+    position (Batches and other dataclasses, dicts, tuples, lists of tensors) and the index
+    of the entry — or None if every floating-point value is finite."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return None
+        bad = ~torch.isfinite(distributed.local_tensor(value.detach()))
+        if not bad.any():
+            return None
+        return f"{path} at index {tuple(torch.nonzero(bad)[0].tolist())}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Iterable[tuple[str, Any]] = ((f".{field.name}", getattr(value, field.name))
+                                            for field in dataclasses.fields(value))
+    elif isinstance(value, Mapping):
+        items = ((f"[{key!r}]", item) for key, item in value.items())
+    elif isinstance(value, (tuple, list)):
+        items = ((f"[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for suffix, item in items:
+        found = _first_nonfinite(item, path + suffix)
+        if found:
+            return found
+    return None
+
+
+def _first_nonfinite_name(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or infinity (under FSDP,
+    in this rank's shard), or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(distributed.local_tensor(tensor)).all():
+            return name
+    return None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -386,6 +487,10 @@ class Trainer:
         #: Data position: the epoch and how many of its batches were consumed.
         self.epoch = 0
         self.batch_in_epoch = 0
+        #: Updates dropped for a non-finite loss or gradient (``on_nonfinite="skip"``).
+        self.skipped_steps = 0
+        #: The stop signal received during :meth:`fit` (0: none).
+        self._stop_signal = 0
         #: Most recent values, for hooks and callers.
         self.last_loss: float | None = None
         self.last_grad_norm: float | None = None
@@ -462,7 +567,7 @@ class Trainer:
                                 num_workers=cfg.num_workers,
                                 generator=_generator(cfg.seed, self.epoch, 1,
                                                      *((rank,) if world > 1 else ())),
-                                worker_init_fn=_seed_worker if cfg.num_workers else None)
+                                worker_init_fn=_init_worker if cfg.num_workers else None)
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
@@ -475,12 +580,27 @@ class Trainer:
         """Every trainable parameter holding a gradient (also those a hook updates itself)."""
         return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
 
-    def _train_step(self, batches: Iterator[Any]) -> tuple[float, float]:
+    def _gradient_norm(self) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+        """The parameters holding a gradient, the global norm of their gradients, its value."""
+        parameters = self._parameters_with_grad()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters \
+            else torch.zeros(())
+        return parameters, norm, float(norm.full_tensor() if distributed.is_dtensor(norm) else norm)
+
+    def _train_step(self, batches: Iterator[Any]) -> tuple[float, float] | None:
+        """One optimizer step over ``accumulation_steps`` micro-batches: (loss, gradient norm),
+        or None when a non-finite loss or gradient made it skip the update.
+
+        Finiteness is checked on the loss, then on the gradients before ``on_after_backward``
+        (hooks never see a non-finite gradient), then again after those hooks.
+        """
         cfg = self.config
         self.model.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        micro_batches = []
         for micro in range(cfg.accumulation_steps):
-            batch = move_to(next(batches), self.device)
+            micro_batches.append(next(batches))
+            batch = move_to(micro_batches[-1], self.device)
             with self._gradient_sync(micro == cfg.accumulation_steps - 1):
                 with self.autocast():
                     loss = self.task.training_loss(self.wrapped, batch)
@@ -490,19 +610,19 @@ class Trainer:
             total = distributed.all_reduce(total, "mean")
         loss_value = float(total) / cfg.accumulation_steps
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {self.step}")
-        for hook in self.hooks:
-            if hasattr(hook, "on_after_backward"):
+            return self._non_finite(f"training loss is {loss_value}",
+                                    partial(self._diagnose_loss, micro_batches))
+        grads, norm, grad_norm = self._gradient_norm()
+        backward_hooks = [hook for hook in self.hooks if hasattr(hook, "on_after_backward")]
+        if backward_hooks and math.isfinite(grad_norm):
+            for hook in backward_hooks:
                 hook.on_after_backward(self, self.step)
-        grads = self._parameters_with_grad()
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads \
-                else torch.zeros(())
-        grad_norm = float(norm.full_tensor() if distributed.is_dtensor(norm) else norm)
+            grads, norm, grad_norm = self._gradient_norm()  # hooks may mask gradients
         if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"gradient norm is {grad_norm} at step {self.step}")
+            return self._non_finite(f"gradient norm is {grad_norm} (loss {loss_value:.6g})",
+                                    self._diagnose_gradients)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, cfg.grad_clip, norm)
         step = self.step
         for hook in self.hooks:
             if hasattr(hook, "on_before_optimizer_step"):
@@ -517,6 +637,106 @@ class Trainer:
         self.last_loss, self.last_grad_norm = loss_value, grad_norm
         return loss_value, grad_norm
 
+    # -- non-finite values --------------------------------------------------------------
+
+    def _non_finite(self, what: str, diagnose: Callable[[], str]) -> None:
+        """Drop this step's gradients; raise :class:`DivergenceError` (``on_nonfinite="stop"``
+        or too many skips) or warn and count the skipped update."""
+        cfg = self.config
+        lr = self.optimizer.param_groups[0]["lr"]
+        where = diagnose()
+        if self.world_size > 1:
+            where = f"rank {distributed.rank()}: {where}"
+        message = f"{what} at step {self.step} (lr {lr:.6g}); {where}"
+        self.model.zero_grad(set_to_none=True)
+        if cfg.on_nonfinite == "stop":
+            raise DivergenceError(message, step=self.step, lr=lr)
+        self.skipped_steps += 1
+        if self.skipped_steps > cfg.max_skipped_steps:
+            raise DivergenceError(f"{message} — {self.skipped_steps} updates skipped, more than "
+                                  f"max_skipped_steps={cfg.max_skipped_steps}", step=self.step, lr=lr)
+        log.warning("update skipped (%d of at most %d): %s", self.skipped_steps,
+                    cfg.max_skipped_steps, message)
+
+    def _diagnose_loss(self, micro_batches: Sequence[Any]) -> str:
+        """Where a non-finite loss came from: the first non-finite value in a micro-batch's
+        input or target, else in a weight, else in a prediction (one forward without gradients
+        per micro-batch, RNG forked), else the task's loss itself."""
+        batches = [move_to(batch, self.device) for batch in micro_batches]
+        # Every forward first, on every rank: under FSDP forwards are collective.
+        predictions = [self._first_nonfinite_prediction(batch) for batch in batches]
+        suffixes = [f" of micro-batch {i}" if len(batches) > 1 else "" for i in range(len(batches))]
+        for batch, suffix in zip(batches, suffixes):
+            parts = zip(("input", "target"), batch) if isinstance(batch, (tuple, list)) \
+                and len(batch) == 2 else [("batch", batch)]
+            for label, part in parts:
+                found = _first_nonfinite(part, label)
+                if found:
+                    return f"non-finite value in the data: {found}{suffix}"
+        weight = _first_nonfinite_name(self.model.named_parameters())
+        if weight:
+            return f"non-finite weight '{weight}'"
+        for found, suffix in zip(predictions, suffixes):
+            if found:
+                return f"inputs and weights are finite, the model's output is not: {found}{suffix}"
+        return "inputs, targets, weights and predictions are finite: the task's loss produced it"
+
+    def _first_nonfinite_prediction(self, batch: Any) -> str | None:
+        """Where the model's output on ``batch`` (every forward, for roll-outs) is first non-finite."""
+        outputs: list[Any] = []
+        handle = self.model.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            with torch.no_grad(), self._fork_rng(), self.autocast():
+                self.task.training_loss(self.model, batch)
+        finally:
+            handle.remove()
+        return _first_nonfinite(outputs[0] if len(outputs) == 1 else outputs, "prediction")
+
+    def _diagnose_gradients(self) -> str:
+        """The first parameter whose gradient is non-finite."""
+        name = _first_nonfinite_name((n, p.grad) for n, p in self.model.named_parameters()
+                                     if p.grad is not None)
+        return f"first non-finite gradient: '{name}'" if name \
+            else "no gradient on this rank is non-finite"
+
+    # -- stop signals -------------------------------------------------------------------
+
+    @contextmanager
+    def _stop_signals_caught(self) -> Iterator[None]:
+        """Inside, SIGTERM and SIGINT only record a request to stop (a second one raises
+        KeyboardInterrupt at once); the previous handlers are back on exit. Handlers can only
+        be set in the main thread: elsewhere, signals keep their usual effect."""
+        self._stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal:
+                raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name})")
+            self._stop_signal = signum
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def _stop_if_requested(self, saved: Path | None) -> None:
+        """After a step: if a stop signal came (on any rank: they agree through one
+        all-reduce), checkpoint unless ``saved`` already holds this step, and raise
+        :class:`TrainingInterrupted`."""
+        signum = self._stop_signal
+        if self.world_size > 1:
+            signum = int(distributed.all_reduce([float(signum)], "max")[0])
+        if not signum:
+            return
+        checkpoint = saved or self.save_checkpoint()
+        log.warning("%s: stopped after step %d, checkpoint %s", signal.Signals(signum).name,
+                    self.step, checkpoint)
+        raise TrainingInterrupted(signum, self.step, checkpoint)
+
     # -- the loop -----------------------------------------------------------------------
 
     def fit(self, resume: bool = False, until_step: int | None = None) -> dict[str, float]:
@@ -524,7 +744,12 @@ class Trainer:
 
         ``resume=True`` continues from the latest checkpoint in ``out_dir`` (a fresh start
         if there is none); a fresh start refuses an ``out_dir`` that holds checkpoints.
-        Returns the last logged values (step, loss, val_loss, …).
+        Returns the last logged values (step, loss, val_loss, …) and ``skipped_steps``.
+
+        SIGTERM or SIGINT during the training loop (main thread only): the current step
+        finishes and is checkpointed, then :class:`TrainingInterrupted` is raised. A
+        non-finite loss or gradient raises :class:`DivergenceError` or skips the update
+        (``TrainConfig.on_nonfinite``).
         """
         cfg = self.config
         main = self.is_main
@@ -554,7 +779,7 @@ class Trainer:
                 hook.on_fit_start(self)
 
         target = cfg.steps if until_step is None else min(int(until_step), cfg.steps)
-        summary: dict[str, float] = {"step": float(self.step)}
+        summary = {"step": float(self.step), "skipped_steps": float(self.skipped_steps)}
         if self.step >= target:
             return summary
         batches = self._train_batches(self.task.datasets()["train"])
@@ -565,34 +790,43 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
         try:
-            while self.step < target:
-                loss, grad_norm = self._train_step(batches)
-                window_losses.append(loss)
-                window_steps += 1
-                progress.update(1)
-                record: dict[str, float] = {}
-                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == target):
-                    elapsed = time.perf_counter() - window_start
-                    record.update(loss=sum(window_losses) / len(window_losses), lr=self.last_lr,
-                                  grad_norm=grad_norm,
-                                  samples_per_s=window_steps * samples_per_step / max(elapsed, 1e-9))
-                    progress.set_postfix(loss=f"{record['loss']:.4g}",
-                                         samples_s=f"{record['samples_per_s']:.3g}")
-                    window_losses, window_start, window_steps = [], time.perf_counter(), 0
-                if cfg.val_every and self.step % cfg.val_every == 0:
-                    record["val_loss"] = self.validate()
-                if record:
-                    record = {"step": self.step, "epoch": self.epoch, **record}
-                    if main:
-                        self._log(record)
-                    summary.update(record)
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
-                        or self.step == target:
-                    self.save_checkpoint()
+            with self._stop_signals_caught():
+                while self.step < target:
+                    outcome = self._train_step(batches)
+                    if outcome is None:  # a skipped update: nothing to log or save
+                        self._stop_if_requested(None)
+                        continue
+                    loss, grad_norm = outcome
+                    window_losses.append(loss)
+                    window_steps += 1
+                    progress.update(1)
+                    record: dict[str, float] = {}
+                    if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == target):
+                        elapsed = time.perf_counter() - window_start
+                        record.update(loss=sum(window_losses) / len(window_losses), lr=self.last_lr,
+                                      grad_norm=grad_norm,
+                                      samples_per_s=window_steps * samples_per_step / max(elapsed, 1e-9))
+                        if cfg.on_nonfinite == "skip":
+                            record["skipped_steps"] = self.skipped_steps
+                        progress.set_postfix(loss=f"{record['loss']:.4g}",
+                                             samples_s=f"{record['samples_per_s']:.3g}")
+                        window_losses, window_start, window_steps = [], time.perf_counter(), 0
+                    if cfg.val_every and self.step % cfg.val_every == 0:
+                        record["val_loss"] = self.validate()
+                    if record:
+                        record = {"step": self.step, "epoch": self.epoch, **record}
+                        if main:
+                            self._log(record)
+                        summary.update(record)
+                    saved = None
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) \
+                            or self.step == target:
+                        saved = self.save_checkpoint()
+                    self._stop_if_requested(saved)
         finally:
             progress.close()
             batches.close()
-        summary["step"] = float(self.step)
+        summary.update(step=float(self.step), skipped_steps=float(self.skipped_steps))
         return summary
 
     @torch.no_grad()
@@ -695,8 +929,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``out_dir/checkpoints/step_XXXXXXXX.pt`` atomically; prune old ones.
 
-        Distributed: every rank calls this (FSDP gathers the full weights, optimizer state
-        and every rank's hook state), rank 0 writes, and all wait for the file."""
+        Older checkpoints are deleted only once the new one is in place, and temporaries of
+        killed saves are removed. Raises :class:`DivergenceError` instead of saving a model
+        with a non-finite parameter. Distributed: every rank calls this (FSDP gathers the
+        full weights, optimizer state and every rank's hook state), rank 0 writes, and all
+        wait for the file."""
+        self._check_finite_parameters()
         hooks = [hook.state_dict() if hasattr(hook, "state_dict") else {} for hook in self.hooks]
         sharded = self.strategy == "fsdp" and self.world_size > 1
         content = {
@@ -704,6 +942,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "skipped_steps": self.skipped_steps,
             "trainable_only": self.config.checkpoint_trainable_only,
             "model": self._model_state(),
             "optimizer": self._optimizer_state(),
@@ -719,12 +958,25 @@ class Trainer:
             content["hooks_by_rank"] = distributed.gather_objects(hooks)
         path = self.out_dir / "checkpoints" / f"step_{self.step:08d}.pt"
         if self.is_main:
+            remove_leftovers(path.parent, "step_*.pt")
             torch_save(path, content)
             for _, old in _checkpoints(self.out_dir)[:-self.config.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         if self.world_size > 1:
             distributed.barrier()
         return path
+
+    def _check_finite_parameters(self) -> None:
+        """Raise :class:`DivergenceError` naming the first parameter holding a NaN or infinity
+        (distributed: on every rank if on any)."""
+        name = _first_nonfinite_name(self.model.named_parameters())
+        found = name is not None
+        if self.world_size > 1:  # FSDP: the value may be in another rank's shard
+            found = bool(distributed.all_reduce([float(found)], "max")[0])
+        if found:
+            what = f"parameter '{name}'" if name else "a parameter shard of another rank"
+            raise DivergenceError(f"refusing to checkpoint step {self.step}: {what} holds NaN or "
+                                  "infinity", step=self.step, lr=self.last_lr)
 
     def _optimizer_state(self) -> dict[str, Any]:
         if self.strategy != "fsdp":
@@ -779,6 +1031,7 @@ class Trainer:
         self.step = int(content["step"])
         self.epoch = int(content["epoch"])
         self.batch_in_epoch = int(content["batch_in_epoch"])
+        self.skipped_steps = int(content.get("skipped_steps", 0))
 
 
 class _fsdp_no_sync(AbstractContextManager):
