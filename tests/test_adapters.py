@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import load_pretrained_tiny
-from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _sha256, adapter_info,
-                                  load_adapter, load_merged, save_adapter, save_merged)
+from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _record_digest, _sha256,
+                                  adapter_info, load_adapter, load_merged, save_adapter, save_merged)
 from weatherpeft.cli import main
 from weatherpeft.methods.base import apply_method
 from weatherpeft.train import TrainConfig, Trainer
@@ -105,6 +105,7 @@ def test_unknown_keys_are_named(trained, tmp_path):
     config = json.loads((odd / CONFIG_FILE).read_text())
     config["tensors"]["added.parts.tadp.extra"] = {"dtype": "float32", "shape": [3]}
     config["sha256"] = _sha256(odd / TENSOR_FILE)
+    config["record_sha256"] = _record_digest(config)
     (odd / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="parts.tadp.extra"):
         load_adapter(odd, load_pretrained_tiny())

@@ -331,14 +331,20 @@ def nan_store(tmp_path_factory) -> object:
     return write_wb2_zarr(world, tmp_path_factory.mktemp("nan") / "nan.zarr")
 
 
-@pytest.mark.parametrize("in_memory", [True, False])
-def test_nan_is_reported_when_a_sample_is_read(nan_store, in_memory):
-    dataset = WB2Dataset(nan_store, SampleSpec(surf_vars=SURF, atmos_vars=ATMOS, in_memory=in_memory))
+def test_nan_is_reported_when_a_sample_is_read(nan_store):
+    dataset = WB2Dataset(nan_store, SampleSpec(surf_vars=SURF, atmos_vars=ATMOS, in_memory=False))
     dataset[0]  # times 0..2: clean
     with pytest.raises(ValueError, match=r"'2m_temperature' at time 2001-03-02 06:00:00"):
         dataset[3]  # times 3, 4 → 5
     with pytest.raises(ValueError, match=r"'temperature' at level 850 hPa at time 2001-03-03 06:00:00"):
         dataset[8]
+
+
+def test_nan_is_reported_when_samples_are_loaded_into_memory(nan_store):
+    with pytest.raises(ValueError, match=r"'2m_temperature' at time 2001-03-02 06:00:00"):
+        WB2Dataset(nan_store, SampleSpec(surf_vars=SURF, atmos_vars=ATMOS, in_memory=True))
+    clean_part = SampleSpec(surf_vars=SURF, atmos_vars=ATMOS, in_memory=True, start=at(6), end=at(8))
+    assert len(WB2Dataset(nan_store, clean_part)) == 1
 
 
 def test_validate_reports_first_nan_and_passes_clean_store(nan_store, wb2_store):

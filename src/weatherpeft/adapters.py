@@ -7,13 +7,19 @@ An adapter is a folder with two files:
   ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices, int32 where they fit,
   and trained values of the entries a masked update changed — never dense tensors), ``head.<name>`` (task head);
 - ``adapter.json``: format, weatherpeft version, method, options, budget, parameter report,
-  the backbone's config and fingerprint, the variable set, the tensor inventory and the
-  sha256 of the tensor file.
+  the backbone's config and fingerprint, the variable set, the tensor inventory, the
+  sha256 of the tensor file and ``record_sha256``, the sha256 of the fields that rebuild the
+  model (method, options, budget, backbone, inventory, tensor checksum).
 
 :func:`load_adapter` rebuilds the method on a fresh backbone (same options and budget, so the
 same modules) and writes the tensors in: outputs are reproduced exactly. It refuses a
-backbone whose fingerprint differs unless forced, and a file whose checksum, keys or shapes
-do not match. Nothing is ever unpickled. :func:`save_merged` writes a deployable model: the
+backbone whose fingerprint differs unless forced, and raises :class:`AdapterError` for
+anything else that is wrong: an unreadable or edited ``adapter.json`` (invalid JSON, missing
+keys, wrong types, a record that no longer matches ``record_sha256``), a tensor file that is
+missing, truncated or corrupt, tensors unlike the inventory or the rebuilt method, NaN/inf
+values, or options and a budget the method refuses. Nothing is ever unpickled.
+:func:`save_adapter` refuses NaN/inf tensors and never replaces an earlier adapter with a
+partial one. :func:`save_merged` writes a deployable model: the
 backbone with every sparse and dense change folded into its weights (its own checkpoint
 format) plus fixed prompt tokens where the method prompts.
 """
@@ -27,7 +33,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -37,7 +43,7 @@ from aurora import Batch
 
 from weatherpeft.atomic import atomic_directory
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import Adaptation, apply_method
+from weatherpeft.methods.base import Adaptation, apply_method, check_budget
 from weatherpeft.methods.prompts import PromptInjector
 
 __all__ = ["ADAPTER_FORMAT", "AdapterError", "DeployedModel", "adapter_info", "adapter_tensors",
@@ -55,7 +61,16 @@ _ROLES = ("added", "dense", "sparse", "head")
 
 
 class AdapterError(ValueError):
-    """An adapter file is unreadable, corrupt, or does not fit the backbone it is loaded onto."""
+    """An adapter file is unreadable, corrupt or edited, or does not fit the backbone it is
+    loaded onto; or an adapter to save holds NaN/inf."""
+
+
+#: adapter.json's keys and their JSON types (a number: int or float, never a boolean).
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str, "options": dict, "budget": (int, float), "backbone": dict, "tensors": dict,
+    "sha256": str, "report": dict, "variables": list, "weatherpeft_version": str}
+#: The keys that rebuild the model, which ``record_sha256`` covers.
+_REBUILD_KEYS = ("method", "options", "budget", "backbone", "tensors", "sha256")
 
 
 def _version() -> str:
@@ -96,10 +111,26 @@ def adapter_tensors(adaptation: Adaptation) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _record_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of the keys that rebuild the model, as canonical JSON."""
+    record = json.dumps({key: config.get(key) for key in _REBUILD_KEYS}, sort_keys=True,
+                        separators=(",", ":"))
+    return hashlib.sha256(record.encode()).hexdigest()
+
+
 def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
                  extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the adapter folder ``path`` atomically (a temporary folder, then a rename)."""
+    """Write the adapter folder ``path`` atomically (a temporary folder, then a rename).
+
+    Raises :class:`AdapterError`, naming the tensor, if one holds NaN/inf; on any error an
+    earlier adapter at ``path`` is kept as it was.
+    """
     tensors = adapter_tensors(adaptation)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(f"refusing to save adapter {path}: tensor '{key}' holds {bad} NaN/inf "
+                               f"value(s) of {tensor.numel()} (did training diverge?)")
     backbone = adaptation.backbone
     config = {
         "format": ADAPTER_FORMAT,
@@ -120,25 +151,64 @@ def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / TENSOR_FILE), metadata={"format": ADAPTER_FORMAT})
         config["sha256"] = _sha256(folder / TENSOR_FILE)
+        config["record_sha256"] = _record_digest(json.loads(json.dumps(config)))  # as read back
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
 
     return atomic_directory(path, write, marker=CONFIG_FILE)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise AdapterError(f"{path} is not valid JSON: {error}") from error
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The adapter's JSON record, checked for format (the tensor file is not read)."""
+    """The adapter's JSON record, checked for format, keys, types, budget and ``record_sha256``
+    (the tensor file is not read)."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterError(f"{path} is not an adapter folder: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"{config_path} is not valid JSON: {error}") from error
+    config = _read_json(config_path)
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{config_path} is not a weatherpeft adapter (format {ADAPTER_FORMAT}, "
                            f"found {config.get('format') if isinstance(config, dict) else type(config).__name__})")
+    _check_record(config, config_path)
     return config
+
+
+def _check_record(config: Mapping[str, Any], config_path: Path) -> None:
+    """Raise :class:`AdapterError` naming the first missing, mistyped or edited field."""
+    def fail(problem: str) -> NoReturn:
+        raise AdapterError(f"{config_path}: {problem}")
+
+    for key, kind in _RECORD_TYPES.items():
+        if key not in config:
+            fail(f"'{key}' is missing")
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            fail(f"'{key}' must be a JSON {'number' if key == 'budget' else kind.__name__}, got "
+                 f"{type(config[key]).__name__} {json.dumps(config[key])[:80]}")
+    backbone = config["backbone"]
+    if not isinstance(backbone.get("fingerprint"), str) or not isinstance(backbone.get("config"), dict):
+        fail("'backbone' must hold 'fingerprint' (a string) and 'config' (an object)")
+    for key, spec in config["tensors"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(shape, list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            fail(f"tensor inventory entry '{key}' must be {{\"dtype\": str, \"shape\": [int ≥ 0, ...]}}, "
+                 f"got {json.dumps(spec)[:80]}")
+    try:
+        check_budget(config["budget"])
+    except ValueError as error:
+        fail(str(error))
+    if "record_sha256" not in config:
+        log.warning("%s has no record_sha256 (written before weatherpeft recorded one): edits to its "
+                    "method, options or budget cannot be detected", config_path)
+    elif config["record_sha256"] != _record_digest(config):
+        fail("its method, options, budget, backbone or tensor inventory were edited after saving "
+             "(they no longer match record_sha256)")
 
 
 def _read_tensors(path: Path, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -152,10 +222,17 @@ def _read_tensors(path: Path, config: Mapping[str, Any]) -> dict[str, torch.Tens
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"cannot read {tensor_path}: {error}") from error
-    inventory = config.get("tensors", {})
+    inventory = config["tensors"]
     if set(tensors) != set(inventory):
         raise AdapterError(f"{tensor_path} holds {sorted(set(tensors) ^ set(inventory))[:10]} "
                            f"unlike its inventory in {CONFIG_FILE}")
+    for key, tensor in tensors.items():
+        found = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        if found != {"dtype": inventory[key]["dtype"], "shape": inventory[key]["shape"]}:
+            raise AdapterError(f"tensor '{key}' in {tensor_path} is {found}, its inventory in "
+                               f"{CONFIG_FILE} says {inventory[key]}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"tensor '{key}' in {tensor_path} holds NaN/inf")
     return tensors
 
 
@@ -238,7 +315,10 @@ def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = Fals
             raise AdapterError(message + ": refusing to load (force=True / --force overrides)")
         log.warning("%s; loading anyway (forced)", message)
     tensors = _read_tensors(path, config)
-    adaptation = apply_method(config["method"], backbone, config["budget"], config["options"])
+    try:
+        adaptation = apply_method(config["method"], backbone, config["budget"], config["options"])
+    except ValueError as error:  # unknown method or option, a value or budget the method refuses
+        raise AdapterError(f"{path / CONFIG_FILE} does not rebuild its method: {error}") from error
     parts = _split(tensors)
     with torch.no_grad():
         _assign(adaptation.added_parameters(), parts["added"], "added")
@@ -303,8 +383,8 @@ def load_merged(path: str | os.PathLike) -> DeployedModel:
     record_path = path / MERGED_FILE
     if not record_path.is_file():
         raise AdapterError(f"{path} is not a merged model folder: {MERGED_FILE} is missing")
-    record = json.loads(record_path.read_text())
-    if record.get("format") != MERGED_FORMAT:
+    record = _read_json(record_path)
+    if not isinstance(record, dict) or record.get("format") != MERGED_FORMAT:
         raise AdapterError(f"{record_path} is not a weatherpeft merged model ({MERGED_FORMAT})")
     backbone = load_backbone(path / "backbone")
     prompts: dict[str, list[torch.Tensor]] = {}

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 from dataclasses import asdict, dataclass, fields
-
-import numpy as np
 
 from weatherpeft.config import add_dataclass_arguments, build_config
 from weatherpeft.atomic import write_json
@@ -26,38 +25,57 @@ def _forecast_layout(ds) -> bool:
 
 
 def _spec_for_store(ds):
-    """A SampleSpec covering every variable of a canonical analysis store."""
-    from weatherpeft.data.wb2 import SampleSpec
+    """A SampleSpec of every variable of a canonical analysis store that a sample can hold (one
+    with an Aurora name, on time, level, latitude, longitude), and the names of the others."""
+    from weatherpeft.data.wb2 import AURORA_NAMES, SampleSpec
 
-    surface = tuple(n for n, v in ds.data_vars.items() if "time" in v.dims and "level" not in v.dims)
-    atmospheric = tuple(n for n, v in ds.data_vars.items() if "level" in v.dims)
-    static = tuple(n for n, v in ds.data_vars.items() if "time" not in v.dims)
-    return SampleSpec(surf_vars=surface, atmos_vars=atmospheric, static_vars=static, history=1,
+    usable = {n: v for n, v in ds.data_vars.items()
+              if n in AURORA_NAMES and set(v.dims) <= {"time", "level", "latitude", "longitude"}}
+    surface = tuple(n for n, v in usable.items() if "time" in v.dims and "level" not in v.dims)
+    atmospheric = tuple(n for n, v in usable.items() if "time" in v.dims and "level" in v.dims)
+    static = tuple(n for n, v in usable.items() if "time" not in v.dims)
+    spec = SampleSpec(surf_vars=surface, atmos_vars=atmospheric, static_vars=static, history=1,
                       lead=timedelta(0), in_memory=False)
+    return spec, sorted(set(map(str, ds.data_vars)) - set(usable))
 
 
 def _check_forecast_store(ds, path: Path) -> str:
+    """Every field of an ensemble forecast store, init by init: readable and plausible."""
+    from weatherpeft.data import wb2
+    from weatherpeft.data.readers import plausible_range
+
     for name, variable in ds.data_vars.items():
-        for index in range(ds.sizes["time"]):
-            values = variable.isel(time=index).values
-            if not np.all(np.isfinite(values)):
-                raise ValueError(f"{path}: NaN/inf in '{name}' at init {str(ds.time.values[index])[:16]}")
-    return f"{ds.sizes['time']} inits, {ds.sizes.get('number', 1)} members, all finite"
+        bounds = plausible_range(name, variable.attrs.get("units"))
+        timed = "time" in variable.dims
+        for index in range(ds.sizes["time"] if timed else 1):
+            field = variable.isel(time=index) if timed else variable
+            init = f"init {str(ds.time.values[index])[:16]} (time index {index})" if timed else "its field"
+            found = wb2.find_bad_value(wb2.read_array(field, str(path), init), bounds)
+            if found is not None:
+                where, what = found
+                raise wb2.DataError(f"{what} in variable '{name}' at {init}, "
+                                    f"{dict(zip(field.dims, where))}, in {path}")
+    return f"{ds.sizes['time']} inits, {ds.sizes.get('number', 1)} members, all finite and plausible"
 
 
 def check_store(path: Path) -> str:
-    """Validate one store (layout, coordinates, finite values); returns a one-line summary."""
+    """Validate one store (files, grid, times, finite and plausible values); returns a one-line
+    summary, or raises :class:`~weatherpeft.data.wb2.DataError`."""
     from weatherpeft.data import wb2
 
     ds = wb2.open_store(path)
     if _forecast_layout(ds):
         return _check_forecast_store(ds, path)
-    report = wb2.validate(ds, _spec_for_store(ds))
-    return f"{report.n_times} times {str(report.first)[:16]} … {str(report.last)[:16]}, step {report.step}, all finite"
+    spec, ignored = _spec_for_store(ds)
+    report = wb2.validate(ds, spec)
+    summary = (f"{report.n_times} times {str(report.first)[:16]} … {str(report.last)[:16]}, "
+               f"step {report.step}, all finite and plausible")
+    return summary + (f"; not checked (no Aurora name): {', '.join(ignored)}" if ignored else "")
 
 
 def cmd_data_check(args) -> int:
     from weatherpeft.data import manifest
+    from weatherpeft.data.wb2 import DataError
 
     path = Path(args.path)
     if (path / manifest.MANIFEST_NAME).is_file():
@@ -70,9 +88,14 @@ def cmd_data_check(args) -> int:
         stores = sorted(p for p in path.iterdir() if p.suffix == ".zarr")
     else:
         stores = [path]
+    failed = False
     for store in stores:
-        print(f"{store.name}: {check_store(store)}")
-    return 0
+        try:
+            print(f"{store.name}: {check_store(store)}")
+        except DataError as error:
+            print(f"weatherpeft: error: {error}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 def describe_store(path: Path) -> str:
@@ -483,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, pickle.UnpicklingError) as error:
+        # UnpicklingError: a published checkpoint holding more than tensors (weights_only=True)
         print(f"weatherpeft: error: {error}", file=sys.stderr)
         return 2
     except BaseException as error:

@@ -21,7 +21,7 @@ from weatherpeft import distributed
 from weatherpeft.adapters import save_adapter
 from weatherpeft.atomic import write_json
 from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.base import apply_method, check_budget, get_method
 from weatherpeft.tasks import Task, build_task
 from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
@@ -79,6 +79,8 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     options = parse_options(config.options)
+    check_budget(config.budget)  # bad requests fail now, not after the data are read
+    get_method(config.method).make_options(options)
     seed_everything(train.seed)
     task = build_task(config.task, backbone_statistics(config.backbone), config.data)
     backbone = task_backbone(config.backbone, task)

@@ -269,6 +269,7 @@ def _load_aurora_file(model: Aurora, path: Path) -> tuple[dict[str, torch.Tensor
     remapping, history-size padding) but returning the state instead of loading it, so that
     mismatches can be reported by key and Aurora's LoRA folded in.
     """
+    # Microsoft publishes pickles: unavoidable, so weights_only=True (tensors and containers only).
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped

@@ -347,6 +347,7 @@ def _published_config(weights: Path) -> dict[str, Any]:
 
 def _read_published(path: Path) -> dict[str, torch.Tensor]:
     """A published ``.pt`` file's state dict (its ``model_state`` when wrapped)."""
+    # NASA/IBM publish pickles: unavoidable, so weights_only=True (tensors and containers only).
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:

@@ -85,12 +85,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weatherpeft.data.wb2 import SOURCE_ATTR, STORE_NAMES, _is_zarr_dir, _looks_like_netcdf, canonicalise
+from weatherpeft.data.wb2 import (_ANY_VALUE, SOURCE_ATTR, STORE_NAMES, DataError, _is_zarr_dir,
+                                  _looks_like_netcdf, canonicalise)
 
 __all__ = [
     "ENSEMBLE_DIMS",
     "ENSEMBLE_NAMES",
     "GRAVITY",
+    "PLAUSIBLE_RANGES",
     "UNITS",
     "WEATHERBENCH1_CONSTANTS",
     "convert_units",
@@ -100,6 +102,7 @@ __all__ = [
     "open_remote",
     "open_special",
     "open_weatherbench1",
+    "plausible_range",
 ]
 
 #: Standard gravity (m s⁻²), as WeatherBench used to turn surface geopotential into orography.
@@ -157,6 +160,37 @@ _CONVERSIONS: dict[str, dict[str, tuple[float, float]]] = {
     "Pa s**-1": {"pas-1": (1, 0), "pa/s": (1, 0)},
     "kg m**-2": {"kgm-2": (1, 0), "kg/m2": (1, 0), "mm": (1, 0)},
     "~": {"~": (1, 0), "1": (1, 0), "-": (1, 0), "code": (1, 0), "dimensionless": (1, 0)},
+}
+
+#: Canonical variable → (lowest, highest) value, in its WB2 unit: what Earth's atmosphere
+#: (and a model of it) can hold, generous on purpose. A value outside is an unmasked fill value
+#: (-9999, 9.96921e36, 1e20) or data in other units than its ``units`` attribute says (hPa, °C).
+PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
+    "2m_temperature": (50.0, 500.0),
+    "temperature": (50.0, 500.0),
+    "skin_temperature": (50.0, 500.0),
+    "sea_surface_temperature": (200.0, 350.0),
+    "geopotential": (-1e5, 1e6),
+    "geopotential_at_surface": (-1e5, 1e5),
+    "10m_u_component_of_wind": (-500.0, 500.0),
+    "10m_v_component_of_wind": (-500.0, 500.0),
+    "u_component_of_wind": (-500.0, 500.0),
+    "v_component_of_wind": (-500.0, 500.0),
+    "mean_sea_level_pressure": (5e4, 1.5e5),
+    "surface_pressure": (1e4, 1.5e5),
+    "specific_humidity": (-0.01, 0.1),
+    "relative_humidity": (-10.0, 200.0),
+    "total_precipitation_6hr": (-0.01, 10.0),
+    "total_precipitation": (-0.01, 10.0),
+    "convective_precipitation": (-0.01, 10.0),
+    "land_sea_mask": (-0.1, 1.1),
+    "total_cloud_cover": (-0.1, 1.1),
+    "toa_incident_solar_radiation": (-1e3, 1e8),
+    "vertical_velocity": (-100.0, 100.0),
+    "vorticity": (-1.0, 1.0),
+    "divergence": (-1.0, 1.0),
+    "total_column_water": (-1.0, 500.0),
+    "total_column_water_vapour": (-1.0, 500.0),
 }
 
 #: WeatherBench (1) ``constants/`` variables → canonical (``orography`` is converted, m → m² s⁻²).
@@ -295,8 +329,8 @@ def convert_units(da: xr.DataArray, canonical: str, where: str) -> xr.DataArray:
     file or folder in errors.
     """
     if canonical not in UNITS:
-        raise ValueError(f"unknown variable '{canonical}' in {where}: no WB2 unit known for it "
-                         f"(known: {sorted(UNITS)}); map its name with `names`")
+        raise DataError(f"unknown variable '{canonical}' in {where}: no WB2 unit known for it "
+                        f"(known: {sorted(UNITS)}); map its name with `names`")
     target = UNITS[canonical]
     attrs = dict(da.attrs)
     units = attrs.get("units")
@@ -306,13 +340,29 @@ def convert_units(da: xr.DataArray, canonical: str, where: str) -> xr.DataArray:
         table = _CONVERSIONS[target]
         key = _normalise_units(units)
         if key not in table:
-            raise ValueError(f"variable '{canonical}' in {where} has units '{units}', which "
-                             f"cannot be converted to {target} (accepted: {sorted(table)})")
+            raise DataError(f"variable '{canonical}' in {where} has units '{units}', which "
+                            f"cannot be converted to {target} (accepted: {sorted(table)})")
         scale, offset = table[key]
     if (scale, offset) != (1, 0):
         da = da * scale + offset if offset else da * scale
     attrs["units"] = target
     return da.assign_attrs(attrs)
+
+
+def plausible_range(canonical: str, units: str | None) -> tuple[float, float]:
+    """``canonical``'s :data:`PLAUSIBLE_RANGES` in ``units`` (None: its WB2 unit); for another
+    variable, or units this module cannot convert, only fill values (beyond ±1e15) are out."""
+    if canonical not in PLAUSIBLE_RANGES:
+        return _ANY_VALUE
+    low, high = PLAUSIBLE_RANGES[canonical]
+    target = UNITS[canonical]
+    if units is None or _normalise_units(units) == _normalise_units(target):
+        return low, high
+    conversion = _CONVERSIONS[target].get(_normalise_units(units))
+    if conversion is None:
+        return _ANY_VALUE
+    scale, offset = conversion  # canonical = stored · scale + offset, scale > 0
+    return (low - offset) / scale, (high - offset) / scale
 
 
 def _table(names: Mapping[str, str] | None, *extra: Mapping[str, str]) -> dict[str, str]:
@@ -362,8 +412,8 @@ class _Piece:
 def _grid_of(ds: xr.Dataset, source: str) -> tuple[np.ndarray, np.ndarray]:
     for dim in ("latitude", "longitude"):
         if dim not in ds.dims:
-            raise ValueError(f"{source} has no latitude/longitude dimension '{dim}'; it has dims "
-                             f"{sorted(map(str, ds.dims))} (add the mapping to `names`)")
+            raise DataError(f"{source} has no latitude/longitude dimension '{dim}'; it has dims "
+                            f"{sorted(map(str, ds.dims))} (add the mapping to `names`)")
     return ds["latitude"].values, ds["longitude"].values
 
 
@@ -377,16 +427,16 @@ def _same_grid(a: _Piece, b: _Piece) -> bool:
             and np.allclose(a.lat, b.lat, atol=1e-6) and np.allclose(a.lon, b.lon, atol=1e-6))
 
 
-def _grid_error(a: _Piece, b: _Piece) -> ValueError:
-    return ValueError(f"files on different grids: {a.source} is on "
-                      f"{_describe_grid(a.lat, a.lon)}, {b.source} on {_describe_grid(b.lat, b.lon)}")
+def _grid_error(a: _Piece, b: _Piece) -> DataError:
+    return DataError(f"files on different grids: {a.source} is on "
+                     f"{_describe_grid(a.lat, a.lon)}, {b.source} on {_describe_grid(b.lat, b.lon)}")
 
 
 def _ensure_datetimes(times: np.ndarray, source: str) -> np.ndarray:
     try:
         return pd.DatetimeIndex(times).values.astype("datetime64[ns]")
     except (TypeError, ValueError) as error:
-        raise ValueError(f"time coordinate of {source} does not hold dates: {error}") from error
+        raise DataError(f"time coordinate of {source} does not hold dates: {error}") from error
 
 
 def _check_times(pieces: list[_Piece], index: pd.Index, what: str) -> None:
@@ -406,10 +456,10 @@ def _check_times(pieces: list[_Piece], index: pd.Index, what: str) -> None:
         first, second = owners[order[repeated[0]]], owners[order[repeated[0] + 1]]
         when = pd.Timestamp(times[order[repeated[0]]])
         if first == second:
-            raise ValueError(f"duplicate time {when} in {timed[first].source}")
+            raise DataError(f"duplicate time {when} in {timed[first].source}")
         a, b = timed[first], timed[second]
-        raise ValueError(f"overlapping times in {what}: {a.source} covers {a.span} and "
-                         f"{b.source} covers {b.span} (both hold {when})")
+        raise DataError(f"overlapping times in {what}: {a.source} covers {a.span} and "
+                        f"{b.source} covers {b.span} (both hold {when})")
 
 
 def _intersect_times(arrays: Mapping[str, xr.DataArray], what: str) -> dict[str, xr.DataArray]:
@@ -424,7 +474,7 @@ def _intersect_times(arrays: Mapping[str, xr.DataArray], what: str) -> dict[str,
     if common.size == 0:
         spans = "; ".join(f"{k}: {pd.Timestamp(a['time'].values.min())} – "
                           f"{pd.Timestamp(a['time'].values.max())}" for k, a in timed.items())
-        raise ValueError(f"the variables of {what} share no time: {spans}")
+        raise DataError(f"the variables of {what} share no time: {spans}")
     out = dict(arrays)
     for key, array in timed.items():
         if array.sizes["time"] != common.size:
@@ -524,9 +574,9 @@ def _open_folder(folder: Path, files: list[Path], level: float | None, table: Ma
             times = None
         else:
             if "time" not in ds.dims:
-                raise ValueError(f"{source} has no 'time' coordinate (dims "
-                                 f"{sorted(map(str, ds.dims))}); every file outside constants/ "
-                                 "needs one")
+                raise DataError(f"{source} has no 'time' coordinate (dims "
+                                f"{sorted(map(str, ds.dims))}); every file outside constants/ "
+                                "needs one")
             times = _ensure_datetimes(ds["time"].values, source)
         piece = _Piece(source, lat, lon, times)
         if pieces and not _same_grid(pieces[0], piece):
@@ -537,8 +587,8 @@ def _open_folder(folder: Path, files: list[Path], level: float | None, table: Ma
         if "level" in ds.coords and ds["level"].ndim == 0:
             scalar = float(ds["level"].values)
             if level is not None and not np.isclose(scalar, level):
-                raise ValueError(f"{source} is at level {scalar:g} but its folder "
-                                 f"'{folder.name}' says {level:g}")
+                raise DataError(f"{source} is at level {scalar:g} but its folder "
+                                f"'{folder.name}' says {level:g}")
             ds = ds.expand_dims("level")
         elif "level" not in ds.dims and level is not None:
             ds = ds.expand_dims(level=[level])
@@ -551,10 +601,10 @@ def _open_folder(folder: Path, files: list[Path], level: float | None, table: Ma
             preprocess=prepare, chunks=chunks, data_vars="minimal", coords="minimal",
             compat="override", join="exact", combine_attrs="drop_conflicts", parallel=False,
             decode_timedelta=False)
-    except ValueError:
-        raise  # the checks in prepare(), and xarray's own clear combine errors
-    except Exception as error:  # netCDF4/h5netcdf raise OSError, RuntimeError, ...
-        raise ValueError(f"cannot read the netCDF files in {folder}: {error}") from error
+    except DataError:
+        raise  # the checks in prepare()
+    except Exception as error:  # xarray's combine errors; netCDF4/h5netcdf raise OSError, ...
+        raise DataError(f"cannot read the netCDF files in {folder}: {error}") from error
     if not constants:
         _check_times(pieces, ds.indexes["time"], str(folder))
         if not ds.indexes["time"].is_monotonic_increasing:
@@ -567,33 +617,33 @@ def _folder_arrays(folder: Path, ds: xr.Dataset, variable: str, names: Mapping[s
     """Canonical name → array for one folder's variables (before unit conversion)."""
     data_vars = [str(v) for v in ds.data_vars]
     if not data_vars:
-        raise ValueError(f"the files in {folder} hold no data variables")
+        raise DataError(f"the files in {folder} hold no data variables")
     if variable == "constants":
         out = {}
         for name in data_vars:
             canonical = (names or {}).get(name) or WEATHERBENCH1_CONSTANTS.get(name) or table.get(name, name)
             if canonical not in UNITS:
-                raise ValueError(f"unknown variable '{name}' in {folder}: known constants are "
-                                 f"{sorted(WEATHERBENCH1_CONSTANTS)}; map it with `names`")
+                raise DataError(f"unknown variable '{name}' in {folder}: known constants are "
+                                f"{sorted(WEATHERBENCH1_CONSTANTS)}; map it with `names`")
             out[canonical] = ds[name]
         return out
     if variable == _WB1_PRECIP_FOLDER:
         if len(data_vars) != 1:
-            raise ValueError(f"{folder} should hold one variable (hourly 'tp'), found {data_vars}")
+            raise DataError(f"{folder} should hold one variable (hourly 'tp'), found {data_vars}")
         return {_WB1_PRECIP_FOLDER: ds[data_vars[0]]}
     if len(data_vars) == 1:
         name = data_vars[0]
         claimed = table.get(name, name)
         if claimed != name and claimed in UNITS and claimed != variable:
-            raise ValueError(f"{folder} should hold {variable} but its variable '{name}' is "
-                             f"{claimed}; fix the folder or map the name with `names`")
+            raise DataError(f"{folder} should hold {variable} but its variable '{name}' is "
+                            f"{claimed}; fix the folder or map the name with `names`")
         return {variable: ds[name]}
     out = {}
     for name in data_vars:
         canonical = table.get(name, name)
         if canonical not in UNITS:
-            raise ValueError(f"unknown variable '{name}' in {folder} (it holds {data_vars}); "
-                             "map it with `names`")
+            raise DataError(f"unknown variable '{name}' in {folder} (it holds {data_vars}); "
+                            "map it with `names`")
         out[canonical] = ds[name]
     return out
 
@@ -605,10 +655,10 @@ def _six_hour_totals(tp: xr.DataArray, folder: Path) -> xr.DataArray:
     steps = np.diff(times)
     if times.size < 6 or np.any(steps % hour != np.timedelta64(0)) or not np.any(steps == hour):
         spacing = pd.Timedelta(np.median(steps)) if steps.size else "one time"
-        raise ValueError(f"{folder}: total_precipitation must be hourly ERA5 'tp' (accumulation "
-                         f"over the hour ending at the time stamp) to form 6-h totals; its times "
-                         f"are spaced {spacing}. For files that already hold 6-h totals pass "
-                         "names={'tp': 'total_precipitation_6hr'}")
+        raise DataError(f"{folder}: total_precipitation must be hourly ERA5 'tp' (accumulation "
+                        f"over the hour ending at the time stamp) to form 6-h totals; its times "
+                        f"are spaced {spacing}. For files that already hold 6-h totals pass "
+                        "names={'tp': 'total_precipitation_6hr'}")
     complete = np.zeros(times.size, dtype=bool)
     complete[5:] = (times[5:] - times[:-5]) == 5 * hour
     totals = _take(tp.rolling(time=6).sum(), np.nonzero(complete)[0])
@@ -633,17 +683,17 @@ def open_weatherbench1(root: str | os.PathLike, names: Mapping[str, str] | None 
     folders = _weatherbench1_folders(root, names)
     if not folders:
         seen = sorted(c.name for c in root.iterdir())
-        raise ValueError(f"cannot open {root}: a directory, but not a zarr store nor a "
-                         "WeatherBench directory (no recognised variable folder such as "
-                         f"2m_temperature/, geopotential_500/ or constants/; it holds {seen})"
-                         f"{_resolution_hint(root, names)}")
+        raise DataError(f"cannot open {root}: a directory, but not a zarr store nor a "
+                        "WeatherBench directory (no recognised variable folder such as "
+                        f"2m_temperature/, geopotential_500/ or constants/; it holds {seen})"
+                        f"{_resolution_hint(root, names)}")
     if variables is not None:
         wanted = set(variables)
         folders = {f: v for f, v in folders.items()
                    if f.name in wanted or v[0] in wanted
                    or (v[0] == _WB1_PRECIP_FOLDER and "total_precipitation_6hr" in wanted)}
         if not folders:
-            raise ValueError(f"none of {sorted(wanted)} is a variable folder of {root}")
+            raise DataError(f"none of {sorted(wanted)} is a variable folder of {root}")
 
     arrays: dict[str, list[tuple[xr.DataArray, bool]]] = {}
     grids: dict[str, _Piece] = {}
@@ -652,7 +702,7 @@ def open_weatherbench1(root: str | os.PathLike, names: Mapping[str, str] | None 
         if not files:
             zipped = sorted(p.name for p in folder.glob("*.zip"))
             hint = f" (unzip {zipped} first)" if zipped else ""
-            raise ValueError(f"variable folder {folder} holds no netCDF files{hint}")
+            raise DataError(f"variable folder {folder} holds no netCDF files{hint}")
         constants = variable == "constants"
         ds, pieces = _open_folder(folder, files, level, table, constants, chunk_bytes)
         grids[folder.name] = pieces[0]
@@ -679,7 +729,7 @@ def _combine_levels(name: str, parts: list[tuple[xr.DataArray, bool]]) -> xr.Dat
         return parts[0][0]
     parts = sorted(parts, key=lambda p: not p[1])
     if any("level" not in array.dims for array, _ in parts):
-        raise ValueError(f"variable '{name}' comes from several folders, not all with levels")
+        raise DataError(f"variable '{name}' comes from several folders, not all with levels")
     kept, seen = [], set()
     for array, _ in parts:
         new = [lv for lv in array["level"].values.tolist() if lv not in seen]
@@ -708,8 +758,8 @@ def _lead_as_timedelta(ds: xr.Dataset, source: str) -> xr.Dataset:
             "s": "s", "nanoseconds": "ns", "ns": "ns", "microseconds": "us",
             "milliseconds": "ms"}.get(units)
     if unit is None or not np.issubdtype(lead.dtype, np.number):
-        raise ValueError(f"lead time '{_LEAD}' in {source} has units '{units}' and dtype "
-                         f"{lead.dtype}: cannot read it as a duration")
+        raise DataError(f"lead time '{_LEAD}' in {source} has units '{units}' and dtype "
+                        f"{lead.dtype}: cannot read it as a duration")
     values = pd.to_timedelta(lead.values, unit=unit).values.astype("timedelta64[ns]")
     return ds.assign_coords({_LEAD: values})
 
@@ -721,7 +771,7 @@ def _open_ensemble_file(path: Path, names: Mapping[str, str] | None) -> tuple[di
     try:
         ds = xr.open_dataset(path, decode_timedelta=False, cache=False)
     except Exception as error:
-        raise ValueError(f"cannot read netCDF file {source}: {error}") from error
+        raise DataError(f"cannot read netCDF file {source}: {error}") from error
     # One dask chunk per initialisation and lead, chunked before anything reshapes the data.
     chunks = {dim: (1 if dims_table.get(str(dim), str(dim)) in ("time", _LEAD) else -1)
               for dim in ds.dims}
@@ -729,11 +779,11 @@ def _open_ensemble_file(path: Path, names: Mapping[str, str] | None) -> tuple[di
     dims_table.pop("valid_time", None)  # cfgrib's time + step: derived, never the init time
     ds = _rename_coords(ds.drop_vars([c for c in ("valid_time",) if c in ds.variables]), dims_table)
     if "time" not in ds.coords:
-        raise ValueError(f"{source} has no 'time' coordinate (initialisation time); it has "
-                         f"{sorted(map(str, set(ds.dims) | set(ds.coords)))}")
+        raise DataError(f"{source} has no 'time' coordinate (initialisation time); it has "
+                        f"{sorted(map(str, set(ds.dims) | set(ds.coords)))}")
     if _LEAD not in ds.coords:
-        raise ValueError(f"{source} has no lead-time coordinate (step, prediction_timedelta or "
-                         "lead_time)")
+        raise DataError(f"{source} has no lead-time coordinate (step, prediction_timedelta or "
+                        "lead_time)")
     for dim in ("time", _LEAD, _MEMBER, "level"):
         if dim in ds.coords and ds[dim].ndim == 0:
             ds = ds.expand_dims(dim)
@@ -746,11 +796,11 @@ def _open_ensemble_file(path: Path, names: Mapping[str, str] | None) -> tuple[di
     for name in map(str, ds.data_vars):
         canonical = table.get(name, name)
         if canonical not in UNITS:
-            raise ValueError(f"unknown variable '{name}' in {source}: not an ERA5/ECMWF short "
-                             f"name this reader knows (known variables: {sorted(UNITS)}); map "
-                             "it with `names`")
+            raise DataError(f"unknown variable '{name}' in {source}: not an ERA5/ECMWF short "
+                            f"name this reader knows (known variables: {sorted(UNITS)}); map "
+                            "it with `names`")
         if canonical in arrays:
-            raise ValueError(f"{source} holds '{canonical}' twice")
+            raise DataError(f"{source} holds '{canonical}' twice")
         arrays[canonical] = convert_units(ds[name], canonical, source)
     return arrays, _Piece(source, lat, lon, times)
 
@@ -771,7 +821,7 @@ def open_ensemble(path: str | os.PathLike, names: Mapping[str, str] | None = Non
     path = Path(path)
     files = _netcdf_files(path, recursive=True) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"no netCDF files in {path}")
+        raise DataError(f"no netCDF files in {path}")
     by_variable: dict[str, list[tuple[xr.DataArray, _Piece]]] = {}
     pieces: list[_Piece] = []
     for file in files:
@@ -787,9 +837,9 @@ def open_ensemble(path: str | os.PathLike, names: Mapping[str, str] | None = Non
         for array, piece in parts[1:]:
             for dim in (_LEAD, _MEMBER, "level"):
                 if not _same_coords(first, array, dim):
-                    raise ValueError(f"'{name}' in {piece.source} has other {dim} values than in "
-                                     f"{parts[0][1].source}: files may split an ensemble by "
-                                     "initialisation time and variable only")
+                    raise DataError(f"'{name}' in {piece.source} has other {dim} values than in "
+                                    f"{parts[0][1].source}: files may split an ensemble by "
+                                    "initialisation time and variable only")
         if len(parts) == 1:
             array = first
         else:
@@ -828,8 +878,8 @@ def open_remote(url: str, names: Mapping[str, str] | None = None, *,
             except (KeyError, FileNotFoundError, ValueError):
                 ds = xr.open_zarr(url, storage_options=options, consolidated=False, chunks=None)
     except Exception as error:  # fsspec/zarr/network errors come in many types
-        raise ValueError(f"cannot open remote store {url}: {type(error).__name__}: {error}") from error
+        raise DataError(f"cannot open remote store {url}: {type(error).__name__}: {error}") from error
     if not ds.data_vars:
-        raise ValueError(f"cannot read {url}: it holds no data variables")
+        raise DataError(f"cannot read {url}: it holds no data variables")
     ds.attrs[SOURCE_ATTR] = url
     return canonicalise(ds, names)

@@ -6,10 +6,20 @@ in [0, 360)) — so the reader that opens the built-in world also opens real ERA
 its names, dimension order or latitude direction. :class:`WB2Dataset` then serves
 (input, target) pairs of :class:`aurora.Batch` in physical units with latitude decreasing,
 as Aurora requires.
+
+Every problem with a store's content — unreadable or truncated files and chunks, a missing
+variable or level, a broken grid, duplicate times, NaN/inf or implausible values (unmasked fill
+values) — raises :class:`DataError`, naming the file, the variable and the time/level. With
+samples cached in memory (the default for stores that fit) values are checked when the
+dataset is built; lazily read samples are checked as they are read, and ``weatherpeft data
+check`` / :func:`validate` scan a whole store ahead of training. Variables a sample does not
+ask for are ignored.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,6 +34,7 @@ from aurora import Batch, Metadata
 
 __all__ = [
     "AURORA_NAMES",
+    "DataError",
     "SOURCE_ATTR",
     "STORE_NAMES",
     "SampleSpec",
@@ -32,9 +43,12 @@ __all__ = [
     "WB2Dataset",
     "canonicalise",
     "check_finite",
+    "check_static",
     "collate_batches",
+    "find_bad_value",
     "open_period",
     "open_store",
+    "read_array",
     "read_fields",
     "read_static",
     "select",
@@ -110,8 +124,19 @@ AURORA_NAMES: dict[str, str] = {
 }
 
 _CANONICAL_DIMS = ("time", "level", "longitude", "latitude")
+#: Bounds of a variable without a plausible range: only fill values (9.96921e36, 1e20) are out.
+_ANY_VALUE = (-1e15, 1e15)
 #: Dataset attribute where :func:`open_store` records the path, for error messages.
 SOURCE_ATTR = "weatherpeft_source"
+
+
+class DataError(ValueError):
+    """A store cannot be read or does not hold what a sample needs; the message names the
+    file, the variable and the time/level index where there is one."""
+
+
+def _source(ds: xr.Dataset) -> str:
+    return str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
 
 
 # --------------------------------------------------------------------------------------
@@ -150,27 +175,77 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
         raise FileNotFoundError(f"store not found: {path}")
     if path.is_dir():
         if not _is_zarr_dir(path):
-            raise ValueError(f"cannot open {path}: a directory, but not a zarr store "
-                             "(no zarr.json, .zgroup or .zmetadata inside)")
-        try:
-            ds = xr.open_zarr(path, consolidated=True, chunks=None)
-        except (ValueError, KeyError, FileNotFoundError):
-            try:
-                ds = xr.open_zarr(path, consolidated=False, chunks=None)
-            except Exception as error:  # zarr raises many types for a broken store
-                raise ValueError(f"cannot read zarr store {path}: {error}") from error
+            raise DataError(f"cannot open {path}: a directory, but not a zarr store "
+                            "(no zarr.json, .zgroup or .zmetadata inside)")
+        ds = _open_zarr(path)
     else:
         if not _looks_like_netcdf(path):
-            raise ValueError(f"cannot open {path}: unsupported format (expected a zarr "
-                             "directory or a netCDF file)")
-        try:
-            ds = xr.open_dataset(path, cache=False)
-        except Exception as error:  # netCDF4/h5netcdf raise OSError, ValueError, ...
-            raise ValueError(f"cannot read netCDF file {path}: {error}") from error
+            raise DataError(f"cannot open {path}: unsupported format (expected a zarr "
+                            "directory or a netCDF file)")
+        ds = _open_netcdf(path)
     if not ds.data_vars:
-        raise ValueError(f"cannot read {path}: it holds no data variables")
+        raise DataError(f"cannot read {path}: it holds no data variables")
     ds.attrs[SOURCE_ATTR] = str(path)
     return canonicalise(ds, names)
+
+
+def _open_zarr(path: Path) -> xr.Dataset:
+    """A local zarr store, through its consolidated metadata where it has them."""
+    _refuse_pickle_codec(path)
+    try:
+        try:
+            return xr.open_zarr(path, consolidated=True, chunks=None)
+        except (ValueError, KeyError, FileNotFoundError):  # no (or unreadable) consolidated metadata
+            return xr.open_zarr(path, consolidated=False, chunks=None)
+    except Exception as error:  # zarr and its codecs raise many types for a broken store
+        raise DataError(f"cannot read zarr store {path}: {type(error).__name__}: {error}") from error
+
+
+def _refuse_pickle_codec(path: Path) -> None:
+    """Raise before opening a zarr (format 2) store with an array encoded by numcodecs' pickle
+    codec: zarr 2 would unpickle its chunks, running whatever code a data file holds."""
+    try:
+        arrays = (path / ".zarray", *path.glob("*/.zarray"))
+        records = [json.loads(array.read_text()) for array in arrays if array.is_file()]
+        if (path / ".zmetadata").is_file():
+            metadata = json.loads((path / ".zmetadata").read_text())["metadata"]
+            records += [record for key, record in metadata.items() if key.endswith(".zarray")]
+        codecs = [codec for record in records
+                  for codec in (record.get("compressor"), *(record.get("filters") or []))]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # unreadable metadata: opening reports it
+    if any(isinstance(codec, dict) and codec.get("id") == "pickle" for codec in codecs):
+        raise DataError(f"refusing to open zarr store {path}: an array is encoded with the pickle "
+                        "codec, which would run code from the store when read")
+
+
+def _open_netcdf(path: Path) -> xr.Dataset:
+    try:
+        ds = xr.open_dataset(path, cache=False)
+    except Exception as error:  # netCDF4/h5netcdf raise OSError, ValueError, ...
+        raise DataError(f"cannot read netCDF file {path}: {error}") from error
+    _check_classic_length(path, ds)
+    return ds
+
+
+def _check_classic_length(path: Path, ds: xr.Dataset) -> None:
+    """Raise if a classic (netCDF-3) file is shorter than its variables' data: truncated.
+
+    The netCDF library reads the missing part of such a file as zeros or fill values; a
+    truncated netCDF-4 (HDF5) file fails in the library itself.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(3) != b"CDF":
+            return
+    needed = 0
+    for variable in ds.variables.values():
+        dtype = variable.encoding.get("dtype")
+        if dtype is not None and np.dtype(dtype).kind in "biuf":
+            needed += variable.size * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size < needed:
+        raise DataError(f"netCDF file {path} is truncated: {size:,} bytes, but its variables "
+                        f"hold {needed:,}")
 
 
 def _rename_table(ds: xr.Dataset, names: Mapping[str, str] | None) -> dict[str, str]:
@@ -192,19 +267,57 @@ def _rename_table(ds: xr.Dataset, names: Mapping[str, str] | None) -> dict[str, 
 
 
 def _sorted_ascending(ds: xr.Dataset, dim: str) -> xr.Dataset:
-    """Make coordinate ``dim`` strictly ascending (lazy: a reversed slice or a sort)."""
+    """Make coordinate ``dim`` strictly ascending (lazy: a reversed slice or a sort); raise
+    if a value repeats."""
     values = ds[dim].values
     if values.size < 2:
         return ds
     steps = np.diff(values)
     if np.all(steps < 0):
         return ds.isel({dim: slice(None, None, -1)})
-    if not np.all(steps > 0):
-        ds = ds.sortby(dim)
-        if np.any(np.diff(ds[dim].values) == 0):
-            duplicates = pd.Index(values)[pd.Index(values).duplicated()].unique().tolist()
-            raise ValueError(f"coordinate '{dim}' has duplicate values: {duplicates[:5]}")
-    return ds
+    if np.all(steps > 0):
+        return ds
+    index = pd.Index(values)
+    if index.has_duplicates:
+        repeats = "; ".join(f"{_format_coordinate(v)} at indices {np.nonzero(index == v)[0].tolist()}"
+                            for v in index[index.duplicated()].unique()[:3])
+        raise DataError(f"'{dim}' of {_source(ds)} repeats values: {repeats}")
+    return ds.sortby(dim)
+
+
+def _format_coordinate(value) -> str:
+    return str(pd.Timestamp(value)) if isinstance(value, (np.datetime64, pd.Timestamp)) else f"{value:g}"
+
+
+def _check_monotonic(steps: np.ndarray, dim: str, values: np.ndarray, source: str) -> None:
+    if steps.size == 0 or np.all(steps > 0) or np.all(steps < 0):
+        return
+    direction = np.sign(steps[0]) or 1.0
+    at = int(np.argmax(steps * direction <= 0))
+    raise DataError(f"{dim} of {source} is not strictly monotonic: {values[at]:g} at index {at}, "
+                    f"then {values[at + 1]:g} at index {at + 1}")
+
+
+def _check_grid(ds: xr.Dataset) -> None:
+    """Raise unless latitude is finite, within [-90, 90] and strictly monotonic, and longitude
+    finite and strictly monotonic around the circle (one wrap allowed), covering < 360°."""
+    source = _source(ds)
+    lat = ds["latitude"].values.astype(np.float64)
+    lon = ds["longitude"].values.astype(np.float64)
+    for dim, values in (("latitude", lat), ("longitude", lon)):
+        bad = np.nonzero(~np.isfinite(values))[0]
+        if bad.size:
+            raise DataError(f"{dim} of {source} is {values[bad[0]]} at index {bad[0]}")
+    outside = np.nonzero(np.abs(lat) > 90)[0]
+    if outside.size:
+        raise DataError(f"latitude of {source} is {lat[outside[0]]:g} at index {outside[0]}, "
+                        "outside [-90, 90]")
+    _check_monotonic(np.diff(lat), "latitude", lat, source)
+    around = (np.diff(lon) + 180.0) % 360.0 - 180.0
+    _check_monotonic(around, "longitude", lon, source)
+    if np.abs(around).sum() >= 360.0:
+        raise DataError(f"longitude of {source} runs {lon[0]:g} … {lon[-1]:g}, 360° or more: "
+                        "a meridian appears twice")
 
 
 def canonicalise(ds: xr.Dataset, names: Mapping[str, str] | None = None) -> xr.Dataset:
@@ -217,12 +330,16 @@ def canonicalise(ds: xr.Dataset, names: Mapping[str, str] | None = None) -> xr.D
     ds = ds.rename(_rename_table(ds, names))
     for dim in ("latitude", "longitude"):
         if dim not in ds.dims:
-            raise ValueError(f"store has no '{dim}' dimension; it has dims {sorted(map(str, ds.dims))} "
-                             "(add the mapping to `names`)")
+            raise DataError(f"{_source(ds)} has no '{dim}' dimension; it has dims "
+                            f"{sorted(map(str, ds.dims))} (add the mapping to `names`)")
         if ds[dim].ndim != 1:
-            raise ValueError(f"'{dim}' must be a 1-D coordinate, got dims {ds[dim].dims}")
+            raise DataError(f"'{dim}' of {_source(ds)} must be a 1-D coordinate, got dims {ds[dim].dims}")
+    _check_grid(ds)
     if "level" in ds.dims:
         level = ds["level"]
+        bad = np.nonzero(~np.isfinite(level.values.astype(np.float64)))[0]
+        if bad.size:
+            raise DataError(f"level of {_source(ds)} is {level.values[bad[0]]} at index {bad[0]}")
         units = str(level.attrs.get("units", "")).strip().lower()
         if units == "pa" or (not units and float(np.max(level.values)) > 1100):
             ds = ds.assign_coords(level=level.values / 100.0)
@@ -241,6 +358,9 @@ def canonicalise(ds: xr.Dataset, names: Mapping[str, str] | None = None) -> xr.D
 def _ensure_datetime64(ds: xr.Dataset) -> xr.Dataset:
     index = ds.indexes["time"]
     if isinstance(index, pd.DatetimeIndex):
+        if index.hasnans:
+            at = int(np.argmax(index.isna()))
+            raise DataError(f"time of {_source(ds)} holds no date (NaT) at index {at}")
         return ds
     if isinstance(index, xr.CFTimeIndex):
         try:  # non-standard calendars convert with xarray's warning; gaps then drop samples
@@ -250,9 +370,9 @@ def _ensure_datetime64(ds: xr.Dataset) -> xr.Dataset:
                 converted = index.to_datetimeindex()
             return ds.assign_coords(time=converted)
         except ValueError as error:
-            raise ValueError(f"time uses calendar '{index.calendar}', which has no "
-                             f"numpy datetime64 equivalent: {error}") from error
-    raise ValueError(f"time coordinate must hold dates, got dtype {ds['time'].dtype}")
+            raise DataError(f"time of {_source(ds)} uses calendar '{index.calendar}', which has no "
+                            f"numpy datetime64 equivalent: {error}") from error
+    raise DataError(f"time coordinate of {_source(ds)} must hold dates, got dtype {ds['time'].dtype}")
 
 
 # --------------------------------------------------------------------------------------
@@ -322,7 +442,8 @@ class StoreSelection:
 
     ``surf``/``atmos``/``static`` map canonical store names to Aurora names. ``level_index``
     indexes the store's level axis in the order of ``levels``. ``positions`` are the store
-    time indices inside [start, end]; ``times`` all store times (datetime64[ns]).
+    time indices inside [start, end]; ``times`` all store times (datetime64[ns]). ``bounds``:
+    each variable's plausible range in the store's units (beyond it: a fill value).
     """
 
     surf: dict[str, str]
@@ -337,6 +458,7 @@ class StoreSelection:
     step_ns: int
     lat: np.ndarray  # decreasing, as Aurora wants
     lon: np.ndarray
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def dynamic(self) -> dict[str, str]:
@@ -355,19 +477,19 @@ def _resolve_variable(ds: xr.Dataset, name: str, kind: str, spec: SampleSpec, so
         canonical = "geopotential_at_surface"  # Aurora's static "z"
     if canonical not in ds.data_vars:
         asked = f" (asked as '{name}')" if canonical != name else ""
-        raise ValueError(f"variable '{canonical}'{asked} not in store {source}; "
-                         f"it has: {sorted(map(str, ds.data_vars))}")
+        raise DataError(f"variable '{canonical}'{asked} not in store {source}; "
+                        f"it has: {sorted(map(str, ds.data_vars))}")
     dims = set(ds[canonical].dims)
     needed = {"surf": {"time", "latitude", "longitude"},
               "atmos": {"time", "level", "latitude", "longitude"},
               "static": {"latitude", "longitude"}}[kind]
     if not needed <= dims or (kind == "surf" and "level" in dims):
-        raise ValueError(f"{kind} variable '{canonical}' in {source} has dims "
-                         f"{ds[canonical].dims}; expected {sorted(needed)}")
+        raise DataError(f"{kind} variable '{canonical}' in {source} has dims "
+                        f"{ds[canonical].dims}; expected {sorted(needed)}")
     extra = dims - needed - {"time", "level"}
     big = [d for d in extra if ds.sizes[d] != 1]
     if big:
-        raise ValueError(f"variable '{canonical}' in {source} has extra dims {big} of size > 1")
+        raise DataError(f"variable '{canonical}' in {source} has extra dims {big} of size > 1")
     return canonical
 
 
@@ -387,19 +509,21 @@ def _infer_step_ns(times: np.ndarray, spec: SampleSpec, source: str) -> int:
     if spec.step is not None:
         return int(pd.Timedelta(spec.step).value)
     if times.size < 2:
-        raise ValueError(f"store {source} has {times.size} time(s): cannot infer the time "
-                         "step; set SampleSpec.step")
+        raise DataError(f"store {source} has {times.size} time(s): cannot infer the time "
+                        "step; set SampleSpec.step")
     diffs, counts = np.unique(np.diff(times.astype(np.int64)), return_counts=True)
     return int(diffs[np.argmax(counts)])
 
 
 def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
-    """Resolve ``spec`` against a canonical dataset; raise a clear ``ValueError`` if it can't.
+    """Resolve ``spec`` against a canonical dataset; raise a clear :class:`DataError` if it can't.
 
     Checks variables (listing what the store has), levels (listing what is available) and
     that [start, end] lies inside the store's time range (showing that range).
     """
-    source = ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>")
+    from weatherpeft.data.readers import plausible_range  # imports this module
+
+    source = _source(ds)
     surf = {v: _aurora_name(v, spec) for v in
             (_resolve_variable(ds, n, "surf", spec, source) for n in spec.surf_vars)}
     atmos = {v: _aurora_name(v, spec) for v in
@@ -414,8 +538,8 @@ def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
         for level in wanted:
             match = np.nonzero(np.isclose(available, level))[0]
             if match.size == 0:
-                raise ValueError(f"level {_level_value(level)} hPa not in store {source}; "
-                                 f"available: {[_level_value(a) for a in available]}")
+                raise DataError(f"level {_level_value(level)} hPa not in store {source}; "
+                                f"available: {[_level_value(a) for a in available]}")
             level_index.append(int(match[0]))
         level_index_arr = np.asarray(level_index, dtype=np.int64)
         levels = tuple(_level_value(available[i]) for i in level_index_arr)
@@ -424,26 +548,28 @@ def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
         levels = ()
 
     if "time" not in ds.dims:
-        raise ValueError(f"store {source} has no 'time' dimension")
+        raise DataError(f"store {source} has no 'time' dimension")
     times = ds["time"].values.astype("datetime64[ns]")
     if times.size == 0:
-        raise ValueError(f"store {source} holds no times")
+        raise DataError(f"store {source} holds no times")
     first, last = times[0], times[-1]
     start = _as_timestamp(spec.start) if spec.start is not None else first
     end = _as_timestamp(spec.end) if spec.end is not None else last
     if start > end:
         raise ValueError(f"time range start {pd.Timestamp(start)} is after end {pd.Timestamp(end)}")
     if start < first or end > last:
-        raise ValueError(f"time range {pd.Timestamp(start)} – {pd.Timestamp(end)} is not inside "
-                         f"store {source}, which covers {pd.Timestamp(first)} – {pd.Timestamp(last)}")
+        raise DataError(f"time range {pd.Timestamp(start)} – {pd.Timestamp(end)} is not inside "
+                        f"store {source}, which covers {pd.Timestamp(first)} – {pd.Timestamp(last)}")
     positions = np.nonzero((times >= start) & (times <= end))[0]
 
     lat = ds["latitude"].values.astype(np.float64)[::-1].copy()
     lon = ds["longitude"].values.astype(np.float64)
+    bounds = {name: plausible_range(name, ds[name].attrs.get("units"))
+              for name in {**surf, **atmos, **static}}
     return StoreSelection(surf=surf, atmos=atmos, static=static, levels=levels,
                           level_index=level_index_arr, times=times, positions=positions,
                           start=start, end=end, step_ns=_infer_step_ns(times, spec, source),
-                          lat=lat, lon=lon)
+                          lat=lat, lon=lon, bounds=bounds)
 
 
 # --------------------------------------------------------------------------------------
@@ -467,43 +593,96 @@ def read_fields(ds: xr.Dataset, name: str, positions: np.ndarray,
     """
     array = ds[name]
     extra = {d: 0 for d in array.dims if d not in _CANONICAL_DIMS}
-    index: dict = {"time": _indexer(np.asarray(positions)), **extra}
+    positions = np.asarray(positions)
+    index: dict = {"time": _indexer(positions), **extra}
     order = ["time", "latitude", "longitude"]
     if "level" in array.dims:
         index["level"] = _indexer(np.asarray(level_index))
         order.insert(1, "level")
-    values = array.isel(index).transpose(*order).values
+    try:
+        values = read_array(array.isel(index).transpose(*order), _source(ds),
+                            _describe_times(ds, positions))
+    except DataError:
+        if positions.size > 1:  # name the first unreadable time
+            for position in positions:
+                read_fields(ds, name, np.array([position]), level_index)
+        raise
     return np.ascontiguousarray(values[..., ::-1, :], dtype=np.float32)
+
+
+def _describe_times(ds: xr.Dataset, positions: np.ndarray) -> str:
+    """The store times at ``positions``, for messages."""
+    if positions.size == 0:
+        return "no time"
+    first, last = int(positions.min()), int(positions.max())
+    start, end = (pd.Timestamp(ds["time"].values[p]) for p in (first, last))
+    if first == last:
+        return f"time {start} (store time index {first})"
+    return f"times {start} – {end} (store time indices {first}–{last})"
 
 
 def read_static(ds: xr.Dataset, name: str) -> np.ndarray:
     """A static field (H, W) as float32, latitude decreasing; a time axis, if any, is dropped."""
     array = ds[name]
     array = array.isel({d: 0 for d in array.dims if d not in ("latitude", "longitude")})
-    values = array.transpose("latitude", "longitude").values
+    values = read_array(array.transpose("latitude", "longitude"), _source(ds), "its static field")
     return np.ascontiguousarray(values[::-1, :], dtype=np.float32)
 
 
-def _first_nonfinite(values: np.ndarray) -> tuple[int, int | None] | None:
-    """(time offset, level offset or None) of the first non-finite value, or None."""
-    bad = ~np.isfinite(values)
-    if not bad.any():
+def read_array(array: xr.DataArray, source: str, where: str) -> np.ndarray:
+    """``array``'s values; a failing read (a truncated or corrupt chunk or file) raises
+    :class:`DataError` naming ``source``, the variable and ``where`` (e.g. its time indices)."""
+    try:
+        return array.values
+    except MemoryError:
+        raise
+    except Exception as error:  # zarr codecs, HDF5 and dask raise many types
+        raise DataError(f"cannot read variable '{array.name}' at {where} from {source} (a "
+                        f"truncated or corrupt chunk or file?): {type(error).__name__}: {error}") from error
+
+
+def find_bad_value(values: np.ndarray,
+                   bounds: tuple[float, float]) -> tuple[tuple[int, ...], str] | None:
+    """(index, description) of the first NaN, inf or value outside ``bounds`` in ``values``;
+    None when there is none. Out of bounds means an unmasked fill value or other units."""
+    low, high = bounds
+    if values.size == 0 or (low <= values.min() and values.max() <= high):  # NaN fails both
         return None
-    where = np.argwhere(bad)[0]
-    return int(where[0]), (int(where[1]) if values.ndim == 4 else None)
+    where = tuple(int(i) for i in np.argwhere(~((values >= low) & (values <= high)))[0])
+    value = float(values[where])
+    if math.isnan(value) or math.isinf(value):
+        return where, str(value).replace("nan", "NaN")
+    return where, (f"implausible value {value:.6g} (outside [{low:.6g}, {high:.6g}]: an unmasked "
+                   "fill value, or other units than its units attribute says)")
 
 
 def check_finite(values: np.ndarray, name: str, positions: np.ndarray,
                  selection: StoreSelection, source: str) -> None:
-    """Raise ``ValueError`` naming variable, level and timestamp of the first NaN/inf."""
-    found = _first_nonfinite(values)
+    """Raise :class:`DataError` at the first NaN, inf or implausible value (see
+    :func:`find_bad_value`) of variable ``name``'s ``values`` (Aurora layout, at store times
+    ``positions``), naming the variable, timestamp, level and grid point."""
+    found = find_bad_value(values, selection.bounds.get(name, _ANY_VALUE))
     if found is None:
         return
-    offset, level_offset = found
-    position = int(positions[offset])
-    level = f" at level {selection.levels[level_offset]} hPa" if level_offset is not None else ""
-    raise ValueError(f"NaN/inf in variable '{name}'{level} at time {selection.timestamp(position)} "
-                     f"(store time index {position}) in {source}")
+    where, what = found
+    position = int(positions[where[0]])
+    level = f" at level {selection.levels[where[1]]} hPa" if values.ndim == 4 else ""
+    raise DataError(f"{what} in variable '{name}'{level} at time {selection.timestamp(position)} "
+                    f"(store time index {position}), {_grid_point(selection, where[-2:])}, in {source}")
+
+
+def check_static(values: np.ndarray, name: str, selection: StoreSelection, source: str) -> None:
+    """:func:`check_finite` for a static field (H, W), latitude decreasing."""
+    found = find_bad_value(values, selection.bounds.get(name, _ANY_VALUE))
+    if found is not None:
+        where, what = found
+        raise DataError(f"{what} in static variable '{name}', {_grid_point(selection, where)}, "
+                        f"in {source}")
+
+
+def _grid_point(selection: StoreSelection, where: tuple[int, ...]) -> str:
+    row, column = where
+    return f"latitude {selection.lat[row]:g}, longitude {selection.lon[column]:g}"
 
 
 def _bytes_per_step(selection: StoreSelection) -> int:
@@ -549,10 +728,10 @@ def open_period(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
         raise ValueError(f"{purpose} needs SampleSpec.start and .end (the training period), "
                          "so that it never includes evaluation times")
     ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else open_store(source, spec.names)
-    name = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+    name = _source(ds)
     selection = select(ds, spec)
     if selection.positions.size == 0:
-        raise ValueError(f"no store times in {spec.start} – {spec.end} of {name}")
+        raise DataError(f"no store times in {spec.start} – {spec.end} of {name}")
     return ds, selection, name
 
 
@@ -568,6 +747,8 @@ class WB2Dataset(torch.utils.data.Dataset):
     Values are float32 in physical units (Aurora normalises internally); latitude decreases.
     Only samples whose every time is present in the store and inside [start, end] exist, so
     gaps never produce wrongly spaced pairs. Static tensors are shared between samples.
+    Values are checked (:func:`check_finite`) when loaded into memory at construction, or
+    else as each sample is read; a bad value raises :class:`DataError`.
     """
 
     def __init__(self, source: str | os.PathLike | xr.Dataset, spec: SampleSpec | None = None):
@@ -579,12 +760,12 @@ class WB2Dataset(torch.utils.data.Dataset):
             self._path = Path(source)
             self._ds = open_store(self._path, self.spec.names)
         self._pid = os.getpid()
-        self.source = str(self._ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+        self.source = _source(self._ds)
         self.selection = select(self._ds, self.spec)
         self._inputs, self._targets = self._sample_positions()
         if len(self._targets) == 0:
             step = timedelta(microseconds=self.selection.step_ns // 1000)
-            raise ValueError(
+            raise DataError(
                 f"no complete samples in {pd.Timestamp(self.selection.start)} – "
                 f"{pd.Timestamp(self.selection.end)} of {self.source} (history "
                 f"{self.spec.history}, step {step}, lead {self.spec.lead}): too short a range, "
@@ -594,8 +775,7 @@ class WB2Dataset(torch.utils.data.Dataset):
         self._static = {}
         for name, aurora_name in self.selection.static.items():
             values = read_static(self._ds, name)
-            if not np.all(np.isfinite(values)):
-                raise ValueError(f"NaN/inf in static variable '{name}' in {self.source}")
+            check_static(values, name, self.selection, self.source)
             self._static[aurora_name] = torch.from_numpy(values)
         self._cache: dict[str, np.ndarray] | None = None
         self._cache_offset = 0
@@ -660,20 +840,28 @@ class WB2Dataset(torch.utils.data.Dataset):
         return span * _bytes_per_step(self.selection) <= self.spec.max_memory_bytes
 
     def _fill_cache(self) -> None:
-        """Load the span of needed times, block by block, into float32 arrays."""
+        """Load the span of needed times, block by block, into float32 arrays, checking the
+        values of every time a sample reads."""
         needed = self.needed_positions
         span = np.arange(needed[0], needed[-1] + 1)
         cache: dict[str, np.ndarray] = {}
         for name in self.selection.dynamic:
-            parts = [read_fields(self._ds, name, chunk, self.selection.level_index)
-                     for chunk in time_blocks(self.selection, span, 256 * 2**20)]
+            parts = []
+            for chunk in time_blocks(self.selection, span, 256 * 2**20):
+                values = read_fields(self._ds, name, chunk, self.selection.level_index)
+                read = np.isin(chunk, needed)
+                check_finite(values if read.all() else values[read], name, chunk[read],
+                             self.selection, self.source)
+                parts.append(values)
             cache[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._cache, self._cache_offset = cache, int(span[0])
 
     def _read(self, name: str, positions: np.ndarray) -> np.ndarray:
         if self._cache is not None:
             return self._cache[name][positions - self._cache_offset]  # fancy index: a copy
-        return read_fields(self._dataset(), name, positions, self.selection.level_index)
+        values = read_fields(self._dataset(), name, positions, self.selection.level_index)
+        check_finite(values, name, positions, self.selection, self.source)
+        return values
 
     def __getitem__(self, index: int) -> tuple[Batch, Batch]:
         index = self._check_index(index)
@@ -683,7 +871,6 @@ class WB2Dataset(torch.utils.data.Dataset):
         surf_in, surf_out, atmos_in, atmos_out = {}, {}, {}, {}
         for name, aurora_name in self.selection.dynamic.items():
             values = self._read(name, positions)
-            check_finite(values, name, positions, self.selection, self.source)
             inputs = torch.from_numpy(values[inverse[:history]][None])
             target = torch.from_numpy(values[inverse[history:]][None])
             if name in self.selection.atmos:
@@ -703,15 +890,16 @@ class WB2Dataset(torch.utils.data.Dataset):
     # -- checking -----------------------------------------------------------------------
 
     def validate(self, block_bytes: int = 64 * 2**20) -> StoreReport:
-        """Scan every time a sample reads, block by block; raise at the first NaN/inf."""
+        """Scan every time a sample reads, block by block (values in memory were checked
+        when loaded); raise :class:`DataError` at the first bad value."""
         sel = self.selection
         needed = self.needed_positions
-        ds = self._dataset()
-        for chunk in time_blocks(sel, needed, block_bytes):
-            for name in sel.dynamic:
-                values = self._cache[name][chunk - self._cache_offset] if self._cache is not None \
-                    else read_fields(ds, name, chunk, sel.level_index)
-                check_finite(values, name, chunk, sel, self.source)
+        if self._cache is None:
+            ds = self._dataset()
+            for chunk in time_blocks(sel, needed, block_bytes):
+                for name in sel.dynamic:
+                    values = read_fields(ds, name, chunk, sel.level_index)
+                    check_finite(values, name, chunk, sel, self.source)
         in_range = sel.times[sel.positions].astype(np.int64)
         jumps = np.nonzero(np.diff(in_range) != sel.step_ns)[0]
         gaps = tuple((_to_datetime(sel.times[sel.positions[j]]),
@@ -724,10 +912,12 @@ class WB2Dataset(torch.utils.data.Dataset):
 
 def validate(source: str | os.PathLike | xr.Dataset | WB2Dataset,
              spec: SampleSpec | None = None) -> StoreReport:
-    """Check a store against ``spec`` without training on it; raise at the first problem.
+    """Check a store against ``spec`` without training on it; raise :class:`DataError` at the
+    first problem.
 
-    Problems: missing variable or level, time range outside the store, no complete sample,
-    NaN/inf in any field a sample would read (named with variable, level and timestamp).
+    Problems: an unreadable file or chunk, missing variable or level, a broken grid, repeated
+    times, time range outside the store, no complete sample, NaN/inf or implausible values in
+    any field a sample would read (named with variable, level, timestamp and grid point).
     Reads lazily, chunk by chunk, so it works on stores larger than memory.
     """
     if isinstance(source, WB2Dataset):

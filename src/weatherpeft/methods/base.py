@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import re
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +46,7 @@ __all__ = [
     "ParameterReport",
     "apply_method",
     "budget_entries",
+    "check_budget",
     "get_method",
     "match_names",
     "method_names",
@@ -86,10 +91,17 @@ class ParameterReport:
                 "stored_fraction": self.stored_fraction}
 
 
+def check_budget(budget: Any) -> float:
+    """``budget`` as a float; ``ValueError`` unless it is a number in (0, 1] (a fraction of the
+    pretrained parameters: not NaN, inf, 0, negative or above 1)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget is a fraction of the pretrained parameters in (0, 1], got {budget!r}")
+    return float(budget)
+
+
 def budget_entries(backbone: Backbone, budget: float) -> int:
     """Scalar entries a budget (fraction of pretrained parameters) allows on ``backbone``."""
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget is a fraction of the pretrained parameters in (0, 1], got {budget}")
+    budget = check_budget(budget)
     total = sum(p.numel() for p in backbone.pretrained_parameters().values())
     return max(1, round(budget * total))
 
@@ -264,14 +276,72 @@ class MethodSpec:
     summary: str
 
     def make_options(self, options: Mapping[str, Any] | None = None) -> Any:
-        """The options dataclass from a mapping; unknown names are an error that lists the known."""
+        """The options dataclass from a mapping (JSON lists become tuples); ``ValueError`` for
+        an unknown name (listing the known ones) or a value of the wrong type."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"options of method '{self.name}' must be a mapping of name → value, "
+                             f"got {type(options).__name__}")
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(options) - known)
+        hints = typing.get_type_hints(self.options)
+        unknown = sorted(map(repr, set(options) - set(hints)))
         if unknown:
-            raise ValueError(f"method '{self.name}' has no option(s) {unknown}; "
-                             f"its options: {sorted(known)}")
-        return self.options(**options)
+            raise ValueError(f"method '{self.name}' has no option(s) {', '.join(unknown)}; "
+                             f"its options: {sorted(hints)}")
+        values = {}
+        for key, value in options.items():
+            try:
+                values[key] = _as_option_type(value, hints[key])
+            except TypeError as expected:
+                raise ValueError(f"option '{key}' of method '{self.name}' must be {expected}, "
+                                 f"got {value!r}") from None
+        return self.options(**values)
+
+
+def _as_option_type(value: Any, annotation: Any) -> Any:
+    """``value`` as an option of type ``annotation`` (JSON lists become tuples, a string alone a
+    tuple of one, integers floats); ``TypeError`` saying what was expected. Other annotations
+    are left to the class."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for choice in args:
+            try:
+                return _as_option_type(value, choice)
+            except TypeError:
+                pass
+        raise TypeError(" or ".join(_expected(choice) for choice in args))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {type(None): value is None, bool: isinstance(value, bool), str: isinstance(value, str),
+              int: number and isinstance(value, int), float: number and math.isfinite(value)}
+    if annotation in checks:
+        if not checks[annotation]:
+            raise TypeError(_expected(annotation))
+        return float(value) if annotation is float else value
+    if origin is tuple:
+        if isinstance(value, str) and args == (str, Ellipsis):
+            value = [value]  # one pattern or name
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(_expected(annotation))
+        kinds = [args[0]] * len(value) if args[1:] == (Ellipsis,) else list(args)
+        if len(value) != len(kinds):
+            raise TypeError(_expected(annotation))
+        try:
+            return tuple(_as_option_type(item, kind) for item, kind in zip(value, kinds))
+        except TypeError:
+            raise TypeError(_expected(annotation)) from None
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise TypeError(_expected(annotation))
+        return dict(value)
+    return value
+
+
+def _expected(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        return (f"a list of {_expected(args[0]).split(' ', 1)[-1]} values" if args[1:] == (Ellipsis,)
+                else f"a list of {len(args)} values")
+    return {type(None): "null", bool: "true or false", str: "a string", int: "an integer",
+            float: "a finite number", dict: "an object"}.get(origin or annotation, str(annotation))
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -302,16 +372,27 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> MethodSpec:
     _load_builtin_methods()
-    if name not in _METHODS:
-        raise ValueError(f"unknown method '{name}'; known: {sorted(_METHODS)}")
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(_METHODS)}")
     return _METHODS[name]
 
 
 def apply_method(name: str, backbone: Backbone, budget: float,
                  options: Mapping[str, Any] | None = None) -> Adaptation:
-    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters)."""
+    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters).
+
+    Raises ``ValueError`` for an unknown method, a budget outside (0, 1], or an unknown option
+    or one of the wrong type or value (a pattern that is not a regular expression included);
+    :class:`BudgetError` where the method cannot reach the budget on this backbone.
+    """
     spec = get_method(name)
-    return spec.build(backbone, float(budget), spec.make_options(options))
+    budget = check_budget(budget)
+    options = spec.make_options(options)
+    try:
+        return spec.build(backbone, budget, options)
+    except re.error as error:  # include/exclude/targets options are regular expressions
+        raise ValueError(f"method '{name}': option pattern {error.pattern!r} is not a regular "
+                         f"expression: {error}") from error
 
 
 def _option_defaults(options: type) -> dict[str, Any]:
