@@ -361,3 +361,59 @@ def test_finetune_refuses_a_bad_request_before_reading_any_data(monkeypatch, tmp
     config = finetune.FinetuneConfig(task="downscaling", method="lora", budget=budget, options=options)
     with pytest.raises(ValueError, match=message):
         finetune.run_finetune(config, TrainConfig(steps=1, out_dir=str(tmp_path)))
+
+
+_KILLED_SAVE = """
+import sys, time
+import torch
+from weatherpeft import adapters
+from weatherpeft.backbones import load_backbone
+from weatherpeft.methods.base import apply_method
+
+torch.set_num_threads(1)
+adaptation = apply_method("ssf", load_backbone(sys.argv[1]), 0.003)
+adapters.save_adapter(adaptation, sys.argv[2])
+print("saved", flush=True)
+with torch.no_grad():
+    for parameter in adaptation.added_parameters().values():
+        parameter.add_(1.0)
+real_save = adapters.save_file
+
+def slow_save(tensors, filename, metadata=None):
+    real_save(tensors, filename, metadata=metadata)
+    print("writing", flush=True)
+    time.sleep(60)
+
+adapters.save_file = slow_save
+adapters.save_adapter(adaptation, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_keeps_the_previous_adapter(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from weatherpeft.adapters import load_adapter
+    from weatherpeft.backbones import load_backbone
+
+    checkpoint = Path(__file__).resolve().parents[1] / "models" / "aurora-tiny"
+    path = tmp_path / "adapter"
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(checkpoint), str(path)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "saved"
+        before = {p.name: p.read_bytes() for p in path.iterdir()}
+        assert process.stdout.readline().strip() == "writing"  # the new tensors are on disk
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    from weatherpeft.methods.base import apply_method
+
+    loaded = load_adapter(path, load_backbone(checkpoint)).added_parameters()
+    first = apply_method("ssf", load_backbone(checkpoint), 0.003).added_parameters()  # as first saved
+    assert loaded.keys() == first.keys()
+    assert all(torch.equal(loaded[name], first[name]) for name in first)

@@ -4,7 +4,8 @@ A reader never sees a half-written file, and an error leaves the previous file (
 place and no temporary behind. After the rename the parent folder is fsynced too, so the
 new name survives a power loss. A process killed outright (SIGKILL) mid-write keeps the
 previous file as well, but leaves its temporary (``.<name>.<random>.tmp``) behind:
-:func:`remove_leftovers` deletes those.
+:func:`remove_leftovers` deletes those. Folders (adapters, checkpoints of backbones) replace
+an earlier folder by an atomic swap where Linux allows it.
 """
 
 from __future__ import annotations
@@ -91,14 +92,46 @@ def remove_leftovers(folder: str | os.PathLike, name_pattern: str = "*") -> list
     return leftovers
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _recover_directory(path: Path, marker: str) -> None:
+    """Undo a kill between the two renames of a non-atomic replacement: if ``path`` is
+    missing, move the newest complete ``.<name>.old-*`` folder back to it."""
+    if path.exists():
+        return
+    previous = sorted((p for p in path.parent.glob(f".{path.name}.old-*") if (p / marker).is_file()),
+                      key=lambda p: p.stat().st_mtime)
+    if previous:
+        os.rename(previous[-1], path)
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], marker: str) -> Path:
-    """Let ``write`` fill a temporary sibling folder, then move it to ``path`` in one rename.
+    """Let ``write`` fill a temporary sibling folder, then move it to ``path`` atomically.
 
     An existing ``path`` is replaced only if it holds ``marker`` (i.e. it is an earlier folder
-    of the same kind), never an unrelated folder. On any error nothing is left behind and an
-    earlier folder at ``path`` is kept.
+    of the same kind), never an unrelated folder, by swapping the two in one step where the
+    system can (Linux); elsewhere by two renames, and a kill between them is undone by the
+    next write. On any error nothing is left behind and an earlier folder at ``path`` is kept.
     """
     path = Path(path)
+    if path.parent.is_dir():
+        _recover_directory(path, marker)
     if path.exists() and not (path.is_dir() and (path / marker).is_file()):
         raise FileExistsError(f"{path} exists and is not a folder written by weatherpeft "
                               f"(no {marker} inside): refusing to replace it")
@@ -108,7 +141,9 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], mar
         write(temporary)
         for item in [*temporary.rglob("*"), temporary]:  # files and the folders' entries
             _fsync(item)
-        if path.exists():
+        if not path.exists():
+            os.rename(temporary, path)
+        elif not _exchange(temporary, path):  # the temporary now holds the earlier folder
             previous = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(path, previous)
             try:
@@ -117,10 +152,9 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], mar
                 os.rename(previous, path)
                 raise
             shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.rename(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    shutil.rmtree(temporary, ignore_errors=True)  # the earlier folder, after a swap
     _fsync(path.parent)
     return path
