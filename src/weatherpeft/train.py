@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from weatherpeft import distributed
 from weatherpeft.atomic import remove_leftovers, torch_save, write_text
-from weatherpeft.tasks.base import Task
+from weatherpeft.tasks.base import Task, ignore_stop_signals
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -308,8 +308,7 @@ def _init_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_stop_signals(worker_id)
 
 
 def move_to(value: Any, device: torch.device | str) -> Any:

@@ -10,6 +10,7 @@ The :class:`~weatherpeft.train.Trainer` only ever talks to a task through this c
 from __future__ import annotations
 
 import abc
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,13 @@ class TaskVariables:
                 raise ValueError(f"{new} {sorted(missing)} must also be listed in {known}")
         if self.atmos_vars and not self.levels:
             raise ValueError(f"atmospheric variables {list(self.atmos_vars)} need pressure levels")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: leave SIGTERM/SIGINT to the main process, which stops cleanly
+    (a checkpoint first, when training) and then shuts its workers down."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class Task(abc.ABC):
@@ -119,4 +127,5 @@ class Task(abc.ABC):
             raise KeyError(f"task '{self.name}' has no split '{split}'; it has {sorted(splits)}")
         return DataLoader(splits[split], batch_size=batch_size, shuffle=False,
                           num_workers=num_workers, collate_fn=self.collate,
-                          persistent_workers=False)
+                          persistent_workers=False,
+                          worker_init_fn=ignore_stop_signals if num_workers else None)
