@@ -85,3 +85,25 @@ def test_report_means_over_seeds_bolds_the_best_and_checks_the_claims():
     gap = next((c, v) for c, v in verdicts.items() if "gap" in c)
     assert lowest == "met (1/1)"
     assert gap[1] == "met (1/1)"  # (2.1 − 1.6) / (2.1 − 1.0) = 45 % of the gap
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_runs_the_grid_and_rank_0_reports(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(port), "-m", "weatherpeft", "benchmark", "--strategy", "ddp",
+               "--tasks", "downscaling", "--methods", "lora", "--steps", "1", "--batch-size", "1",
+               "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.count("[1/1] downscaling lora") == 1  # rank 0 alone reports
+    (record,) = json.loads((out / "benchmark.json").read_text())["records"]
+    assert record["error"] is None and record["steps"] == 1 and record["metrics"]
+    assert (out / "runs" / "downscaling" / "lora-b0.003-s0" / "adapter" / "adapter.json").is_file()

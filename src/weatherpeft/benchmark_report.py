@@ -298,9 +298,10 @@ def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path) ->
               "precipitation": "mean SEEPS over leads"}
     figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False,
                                 constrained_layout=True)
+    colours = plt.get_cmap("tab20").colors
     for axis, task in zip(axes[0], tasks):
         keys = _order(groups, task)
-        for method in dict.fromkeys(k[1] for k in keys):
+        for index, method in enumerate(dict.fromkeys(k[1] for k in keys)):
             points = []
             for key in (k for k in keys if k[1] == method):
                 score = _summary_score(task, groups[key]["metrics"])
@@ -313,8 +314,9 @@ def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path) ->
                 points.append((stored, score))
             if points:
                 xs, ys = zip(*sorted(points))
-                style = dict(marker="*", markersize=12, linewidth=2) if method == "weatherpeft" else \
-                    dict(marker="o", markersize=5, linewidth=1)
+                style = dict(marker="*", markersize=12, linewidth=2, color="black") \
+                    if method == "weatherpeft" else \
+                    dict(marker="o", markersize=5, linewidth=1, color=colours[index % len(colours)])
                 axis.plot(xs, ys, label=method, **style)
         axis.set_xscale("log")
         axis.set_xlabel("parameters stored in the adapter")

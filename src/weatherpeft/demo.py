@@ -30,8 +30,8 @@ class DemoConfig:
     budget: float = 0.04
     steps: int = 150
     batch_size: int = 2
-    lr: float = 3e-4
-    new_lr: float = 2e-3
+    lr: float = 1e-3
+    new_lr: float = 6e-3
     map_variable: str = "2t"
 
     def __post_init__(self) -> None:
