@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -47,7 +48,7 @@ TASK_NAMES = ("downscaling", "postprocessing", "precipitation")
 #: Keys every record has (the JSON schema the tests check).
 RECORD_KEYS = ("task", "method", "budget", "seed", "steps", "batch_size", "lr", "new_lr",
                "trainable", "stored", "head", "pretrained", "adapter_bytes", "metrics",
-               "train_seconds", "step_seconds", "peak_memory_bytes", "error")
+               "train_seconds", "step_seconds", "peak_memory_bytes", "error", "crashed")
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """What identifies a finished record (``--resume`` reuses records that match; failed
         runs are tried again)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.asdict(self)
 
 
 def plan(config: BenchmarkConfig) -> list[Run]:
@@ -191,15 +192,19 @@ def training_protocol(steps: int, batch_size: int, lr: float, seed: int, out_dir
                        progress=progress, out_dir=str(out_dir), strategy=strategy)
 
 
+def _blank_record(run: Run, out: str | Path) -> dict[str, Any]:
+    return {**run.settings(), "settings": run.settings(), "run_dir": str(Path(out) / "runs" / run.name),
+            "error": None, "crashed": False, "trainable": None, "stored": None, "head": None,
+            "pretrained": None, "adapter_bytes": None, "metrics": {}, "train_seconds": None,
+            "step_seconds": None, "peak_memory_bytes": None}
+
+
 def failed_record(run: Run, out: str | Path, error: BaseException | str) -> dict[str, Any]:
-    """The record of a run that produced no scores, saying why."""
-    record: dict[str, Any] = {**run.settings(), "settings": run.settings(),
-                              "run_dir": str(Path(out) / "runs" / run.name),
-                              "error": error if isinstance(error, str) else
-                              f"{type(error).__name__}: {error}"}
-    record.update(trainable=None, stored=None, head=None, pretrained=None, adapter_bytes=None,
-                  metrics={}, train_seconds=None, step_seconds=None, peak_memory_bytes=None)
-    return record
+    """The record of a run that produced no scores, saying why: a message (the method cannot
+    reach the budget) or the exception that crashed it (``crashed``)."""
+    crashed = not isinstance(error, str)
+    return {**_blank_record(run, out), "crashed": crashed,
+            "error": f"{type(error).__name__}: {error}" if crashed else error}
 
 
 def run_one(run: Run, out: str, backbone: str, strategy: str = "none") -> dict[str, Any]:
@@ -210,8 +215,7 @@ def run_one(run: Run, out: str, backbone: str, strategy: str = "none") -> dict[s
     from weatherpeft.methods.base import BudgetError
 
     folder = Path(out) / "runs" / run.name
-    record = failed_record(run, out, "")
-    record["error"] = None
+    record = _blank_record(run, out)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     finetune = FinetuneConfig(task=run.task, backbone=backbone, method=run.method,
@@ -245,8 +249,8 @@ def _about(config: BenchmarkConfig, workers: int) -> dict[str, Any]:
 
     import torch
 
-    return {"profile": config.profile, "command": "weatherpeft " + " ".join(sys.argv[1:])
-            if Path(sys.argv[0]).name == "weatherpeft" else " ".join(sys.argv),
+    return {"profile": config.profile, "command": "weatherpeft " + shlex.join(sys.argv[1:])
+            if Path(sys.argv[0]).name == "weatherpeft" else shlex.join(sys.argv),
             "config": dataclasses.asdict(config), "workers": workers,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
             f"CPU ({platform.processor() or platform.machine()}), 1 thread per run",

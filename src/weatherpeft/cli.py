@@ -336,7 +336,7 @@ def cmd_benchmark(args) -> int:
     if not is_main():
         return 0
     out = Path(config.out)
-    crashed = [r for r in records if r["error"] and "budget" not in r["error"].lower()]
+    crashed = [r for r in records if r["crashed"]]
     print(f"{len(records)} runs: {out / 'benchmark.json'}, {out / 'benchmark.md'}, "
           f"{out / 'quality_vs_stored.png'}")
     for record in crashed:
