@@ -78,8 +78,8 @@ def test_report_means_over_seeds_bolds_the_best_and_checks_the_claims():
     mean, spread, n = groups[("downscaling", "lora", 0.003)]["metrics"]["model/rmse/2t"]
     assert (round(mean, 6), round(spread, 6), n) == (2.1, round(math.sqrt(0.02), 6), 2)
     markdown = benchmark_markdown(records, {"profile": "test", "command": "x"})
-    assert "| weatherpeft | 0.3% | 10 (1.00%) | **1.6 ± 0.141** |" in markdown
-    assert "| lora | 0.3% | 10 (1.00%) | 2.1 ± 0.141 |" in markdown
+    assert "| weatherpeft | 0.3% | 10 (1.00%) | **1.6 ± 0.14** |" in markdown
+    assert "| lora | 0.3% | 10 (1.00%) | 2.1 ± 0.14 |" in markdown
     verdicts = {claim: verdict for claim, _, verdict in claims(groups)}
     lowest = next(v for c, v in verdicts.items() if "lowest RMSE" in c)
     gap = next((c, v) for c, v in verdicts.items() if "gap" in c)

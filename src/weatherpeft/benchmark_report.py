@@ -76,7 +76,7 @@ def _cell(entry: tuple[float, float, int] | None, bold: bool = False) -> str:
     if entry is None:
         return "—"
     mean, spread, n = entry
-    text = _number(mean) + (f" ± {_number(spread)}" if n > 1 else "")
+    text = _number(mean) + (f" ± {spread:.2g}" if n > 1 else "")
     return f"**{text}**" if bold else text
 
 
