@@ -242,15 +242,16 @@ def test_corrupt_zarr_chunk_is_named(clean_store, tmp_path, capsys, damage):
     data = chunk.read_bytes()
     chunk.write_bytes({"garbage": np.random.default_rng(0).bytes(len(data)),
                        "truncated": data[: len(data) // 2], "empty": b""}[damage])
-    message = (rf"cannot read variable 'temperature' at time 2001-03-02 00:00:00 \(store time index 4\) "
-               rf"from {store} \(a truncated or corrupt chunk or file\?\)")
+    # The first unreadable time of the chunk (times 4–7): with partial decompression, blosc
+    # may still read the blocks before the damage, depending on its block layout.
+    where = r"at time 2001-03-02 \d\d:00:00 \(store time index [4-7]\)"
+    message = rf"cannot read variable 'temperature' {where} from {store} \(a truncated or corrupt chunk or file\?\)"
     with pytest.raises(DataError, match=message):
         WB2Dataset(store, SPEC)
     lazy = WB2Dataset(store, SampleSpec(in_memory=False))
     lazy[0]  # times 0–2: other chunk
-    with pytest.raises(DataError, match=rf"'temperature' at time 2001-03-02 00:00:00 "
-                                        rf"\(store time index 4\) from {store}"):
-        lazy[3]
+    with pytest.raises(DataError, match=rf"'temperature' {where} from {store}"):
+        lazy[5]  # times 5–7
     assert_check_fails(store, capsys, "'temperature'", str(store), "truncated or corrupt")
 
 
