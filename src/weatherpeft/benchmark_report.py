@@ -294,8 +294,9 @@ def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path) ->
     tasks = list(dict.fromkeys(k[0] for k in groups))
     if not tasks:
         return None
-    labels = {"downscaling": "mean RMSE / bilinear RMSE", "postprocessing": "mean CRPS / raw-ensemble CRPS",
-              "precipitation": "mean SEEPS over leads"}
+    labels = {"downscaling": "RMSE / bilinear RMSE, mean over channels",
+              "postprocessing": "CRPS / raw-ensemble CRPS, mean over channels",
+              "precipitation": "SEEPS, mean over leads"}
     figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False,
                                 constrained_layout=True)
     colours = plt.get_cmap("tab20").colors
