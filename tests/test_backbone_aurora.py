@@ -443,3 +443,26 @@ def test_activation_checkpointing_changes_nothing_but_memory(stats, batches):
         if a.grad is not None or b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, msg=name)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+
+
+def test_the_forecast_does_not_depend_on_the_machine_time_zone(builtin_batches, monkeypatch):
+    """Naive times are UTC: Aurora's ``datetime.timestamp()`` must not read the local zone."""
+    import time
+
+    from conftest import load_pretrained_tiny
+
+    backbone = load_pretrained_tiny().eval()
+    batch = builtin_batches[0]
+    forecasts = []
+    for zone in ("UTC", "America/Los_Angeles", "Asia/Tokyo"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        with torch.no_grad():
+            forecasts.append(backbone(batch))
+    monkeypatch.undo()
+    time.tzset()
+    for forecast in forecasts[1:]:
+        assert forecast.metadata.time == forecasts[0].metadata.time
+        assert all(t.tzinfo is None for t in forecast.metadata.time)
+        for name, value in forecast.surf_vars.items():
+            assert torch.equal(value, forecasts[0].surf_vars[name]), name

@@ -24,7 +24,7 @@ import re
 import types
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,11 @@ def _aurora_default_statistics() -> tuple[dict[str, float], dict[str, float]]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return dict(module.locations), dict(module.scales)
+
+
+def _with_times(batch: Batch, times: tuple[datetime, ...]) -> Batch:
+    """``batch`` with other metadata times (the tensors are shared, not copied)."""
+    return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, time=times))
 
 
 def _subset(stats: NormalisationStats, keys: Sequence[str]) -> NormalisationStats:
@@ -558,12 +563,26 @@ class AuroraBackbone(Backbone):
     # -- the contract ---------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> Batch:
-        """Aurora's prediction for ``batch`` (physical units), normalised with :attr:`stats`."""
+        """Aurora's prediction for ``batch`` (physical units), normalised with :attr:`stats`.
+
+        Times without a time zone are UTC (as in every WeatherBench store). Aurora's
+        absolute-time embedding calls ``datetime.timestamp()``, which reads a naive time in
+        the machine's local zone, so Aurora receives them as aware UTC times and the
+        prediction's times come back naive: the output does not depend on the machine's ``TZ``.
+        """
         self._check_batch(batch)
         for key, (location, scale) in self._atmos_statistics.items():
             aurora_normalisation.locations[key] = location
             aurora_normalisation.scales[key] = scale
-        return self._aurora(batch)
+        naive = all(t.tzinfo is None for t in batch.metadata.time)
+        if naive:
+            batch = _with_times(batch, tuple(t.replace(tzinfo=timezone.utc)
+                                             for t in batch.metadata.time))
+        prediction = self._aurora(batch)
+        if naive:
+            prediction = _with_times(prediction, tuple(t.replace(tzinfo=None)
+                                                       for t in prediction.metadata.time))
+        return prediction
 
     def embedding_weights(self, variables: Sequence[str]) -> torch.Tensor:
         """(D, V, S) patch-embedding weights, S = history·patch², in the order given.
