@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from weatherpeft.backbones.aurora import AuroraBackbone
 from weatherpeft.cli import EvaluateConfig, evaluation_task
@@ -36,3 +37,16 @@ def test_card_rows_are_reproduced_from_the_checkpoint(card):
     assert set(recomputed) == set(expected)
     for key, value in expected.items():
         assert recomputed[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_refreshing_the_card_refuses_other_weights_and_other_windows(card, march_task):
+    from weatherpeft.model_card import refresh_model_rows
+
+    backbone = AuroraBackbone.from_checkpoint(CHECKPOINT)
+    with pytest.raises(ValueError, match="evaluation windows"):
+        refresh_model_rows(card, backbone, march_task, note="test")
+    with torch.no_grad():
+        next(iter(backbone.pretrained_parameters().values())).add_(1e-3)
+    backbone.fingerprint(refresh=True)
+    with pytest.raises(ValueError, match="fingerprint"):
+        refresh_model_rows(card, backbone, march_task, note="test")

@@ -186,6 +186,7 @@ class EvaluateConfig:
     stride: int = 8  # score every stride-th initialisation (8 = every 48 h)
     batch_size: int = 4
     write_card: bool = False
+    refresh_card: str = ""  # re-measure the card's model rows; the text says why (kept in the card)
     threads: int = 1
 
 
@@ -287,6 +288,12 @@ def cmd_evaluate(args) -> int:
         return _evaluate_on_task(cfg)
     backbone = load_backbone(cfg.checkpoint)
     task, references = evaluation_task(cfg, backbone.stats)
+    if cfg.refresh_card:
+        card = model_card.refresh_model_rows(model_card.load_card(Path(cfg.checkpoint)), backbone,
+                                             task, note=cfg.refresh_card)
+        model_card.write_card(card, Path(cfg.checkpoint))
+        print(model_card.markdown(card))
+        return 0
     if cfg.write_card:
         if not references:
             raise ValueError("a model card needs the reference store for persistence and climatology")

@@ -48,6 +48,34 @@ def build_card(model: torch.nn.Module, task: ForecastingTask, *, stride: int, ab
             "reproducibility": {"windows": check_windows, "rmse": check}}
 
 
+def refresh_model_rows(card: dict, model: torch.nn.Module, task: ForecastingTask, *,
+                       note: str) -> dict:
+    """The card with its model rows and reproducibility row re-measured on its own windows.
+
+    For a new dependency set (``constraints.txt``): the reference rows (persistence,
+    climatology) depend only on the data and are kept, so the pretraining archive is not
+    needed. ``task`` must give the card's test windows (same count at the card's stride);
+    ``note`` says why and is recorded under ``facts``.
+    """
+    fingerprint = getattr(model, "fingerprint", lambda: None)()
+    if fingerprint != card["fingerprint"]:
+        raise ValueError(f"the model's fingerprint {fingerprint} is not the card's "
+                         f"{card['fingerprint']}: a card describes one set of weights")
+    evaluation = card["evaluation"]
+    windows = evaluation_windows(task, evaluation["stride_steps"])
+    if len(windows) != evaluation["initialisations"]:
+        raise ValueError(f"the store gives {len(windows)} evaluation windows at stride "
+                         f"{evaluation['stride_steps']}, the card {evaluation['initialisations']}: "
+                         "not the store the card was made on")
+    scores = score(model, task, windows, references=False)
+    check_windows = card["reproducibility"]["windows"]
+    rmse = {k: v for k, v in evaluation["rmse"].items() if not k.startswith("model/")}
+    return {**card, "facts": {**card.get("facts", {}), "model rows": note},
+            "evaluation": {**evaluation, "rmse": {**rmse, **scores}},
+            "reproducibility": {"windows": check_windows,
+                                "rmse": score(model, task, check_windows, references=False)}}
+
+
 def _key(source: str, channel: str, hours: int) -> str:
     return f"{source}/rmse/{channel}/{hours}h"
 
