@@ -77,6 +77,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ import pandas as pd
 import xarray as xr
 
 from weatherpeft.data.wb2 import (_ANY_VALUE, SOURCE_ATTR, STORE_NAMES, DataError, _is_zarr_dir,
-                                  _looks_like_netcdf, canonicalise)
+                                  _looks_like_netcdf, _rename_table, canonicalise)
 
 __all__ = [
     "ENSEMBLE_DIMS",
@@ -97,8 +98,10 @@ __all__ = [
     "WEATHERBENCH1_CONSTANTS",
     "convert_units",
     "detect_layout",
+    "is_grib",
     "is_url",
     "open_ensemble",
+    "open_grib",
     "open_remote",
     "open_special",
     "open_weatherbench1",
@@ -222,6 +225,7 @@ _LEAD = "prediction_timedelta"
 #: Variables that only describe others (bounds, 2-D coordinates, projections): dropped.
 _AUXILIARY = re.compile(r"(_bnds|_bounds)$|^(lat2d|lon2d|crs|spatial_ref)$")
 _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
+_GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+)://?(?P<rest>.*)$")
 _CHUNK_BYTES = 8 * 2**20
 
@@ -266,10 +270,12 @@ def _peek_dims(path: Path) -> set[str]:
 
 
 def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> str | None:
-    """Which reader opens ``path``: ``"remote"``, ``"weatherbench1"``, ``"ensemble"`` or None.
+    """Which reader opens ``path``: ``"remote"``, ``"weatherbench1"``, ``"ensemble"``,
+    ``"grib"`` or None.
 
     None means WB2 layout (a zarr directory or a plain netCDF file) or nothing at all: left to
-    :func:`weatherpeft.data.wb2.open_store`. Only directory listings and netCDF headers are read.
+    :func:`weatherpeft.data.wb2.open_store`. Only directory listings, netCDF headers and a
+    file's first bytes are read.
     """
     if is_url(path):
         return "remote"
@@ -285,6 +291,8 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
         if files and _ensemble_dims(_peek_dims(files[0]), names):
             return "ensemble"
         return "weatherbench1"  # it reports that no variable folder was recognised
+    if is_grib(path):
+        return "grib"
     if _looks_like_netcdf(path) and _ensemble_dims(_peek_dims(path), names):
         return "ensemble"
     return None
@@ -292,7 +300,8 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
 
 def open_special(path: str | os.PathLike, names: Mapping[str, str] | None = None, *,
                  storage_options: Mapping | None = None) -> xr.Dataset | None:
-    """Open ``path`` if it is a remote URL, a WeatherBench (1) directory or ensemble netCDF.
+    """Open ``path`` if it is a remote URL, a WeatherBench (1) directory, ensemble netCDF or
+    a GRIB file.
 
     Returns the canonical dataset, or None when ``path`` is for ``wb2.open_store``'s own code.
     """
@@ -303,6 +312,8 @@ def open_special(path: str | os.PathLike, names: Mapping[str, str] | None = None
         return open_weatherbench1(path, names)
     if layout == "ensemble":
         return open_ensemble(path, names)
+    if layout == "grib":
+        return open_grib(path, names)
     return None
 
 
@@ -765,13 +776,19 @@ def _lead_as_timedelta(ds: xr.Dataset, source: str) -> xr.Dataset:
 
 
 def _open_ensemble_file(path: Path, names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
-    source = str(path)
-    table = _table(names, ENSEMBLE_NAMES)
-    dims_table = {**table, **ENSEMBLE_DIMS, **(names or {})}
     try:
         ds = xr.open_dataset(path, decode_timedelta=False, cache=False)
     except Exception as error:
-        raise DataError(f"cannot read netCDF file {source}: {error}") from error
+        raise DataError(f"cannot read netCDF file {path}: {error}") from error
+    return _ensemble_arrays(ds, str(path), names)
+
+
+def _ensemble_arrays(ds: xr.Dataset, source: str,
+                     names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
+    """Canonical name → array (time, prediction_timedelta, number, level, … lazily) of one
+    opened ensemble netCDF file or GRIB hypercube, and its grid and times."""
+    table = _table(names, ENSEMBLE_NAMES)
+    dims_table = {**table, **ENSEMBLE_DIMS, **(names or {})}
     # One dask chunk per initialisation and lead, chunked before anything reshapes the data.
     chunks = {dim: (1 if dims_table.get(str(dim), str(dim)) in ("time", _LEAD) else -1)
               for dim in ds.dims}
@@ -822,34 +839,132 @@ def open_ensemble(path: str | os.PathLike, names: Mapping[str, str] | None = Non
     files = _netcdf_files(path, recursive=True) if path.is_dir() else [path]
     if not files:
         raise DataError(f"no netCDF files in {path}")
+    return _combine_ensemble((_open_ensemble_file(file, names) for file in files), path,
+                             "ensemble netCDF", names)
+
+
+def _combine_ensemble(parts: Iterable[tuple[dict[str, xr.DataArray], _Piece]], path: Path,
+                      layout: str, names: Mapping[str, str] | None) -> xr.Dataset:
+    """One canonical forecast-layout dataset from the pieces' arrays (files or hypercubes on
+    one grid, split by initialisation time and variable only)."""
     by_variable: dict[str, list[tuple[xr.DataArray, _Piece]]] = {}
     pieces: list[_Piece] = []
-    for file in files:
-        arrays, piece = _open_ensemble_file(file, names)
+    for arrays, piece in parts:
         if pieces and not _same_grid(pieces[0], piece):
             raise _grid_error(pieces[0], piece)
         pieces.append(piece)
         for name, array in arrays.items():
             by_variable.setdefault(name, []).append((_on_grid(array, pieces[0]), piece))
     combined = {}
-    for name, parts in by_variable.items():
-        first = parts[0][0]
-        for array, piece in parts[1:]:
+    for name, parts_of_name in by_variable.items():
+        first = parts_of_name[0][0]
+        for array, piece in parts_of_name[1:]:
             for dim in (_LEAD, _MEMBER, "level"):
                 if not _same_coords(first, array, dim):
                     raise DataError(f"'{name}' in {piece.source} has other {dim} values than in "
-                                    f"{parts[0][1].source}: files may split an ensemble by "
-                                    "initialisation time and variable only")
-        if len(parts) == 1:
+                                    f"{parts_of_name[0][1].source}: files may split an ensemble "
+                                    "by initialisation time and variable only")
+        if len(parts_of_name) == 1:
             array = first
         else:
-            array = xr.concat([a for a, _ in parts], dim="time", coords="minimal",
+            array = xr.concat([a for a, _ in parts_of_name], dim="time", coords="minimal",
                               compat="override", join="exact")
-        _check_times([p for _, p in parts], array.indexes["time"], f"'{name}' of {path}")
+        _check_times([p for _, p in parts_of_name], array.indexes["time"], f"'{name}' of {path}")
         combined[name] = array.transpose("time", *[d for d in (_LEAD, _MEMBER, "level")
                                                    if d in array.dims], ...)
     ds = _merge(combined, str(path))
-    ds.attrs = {SOURCE_ATTR: str(path), "source_layout": "ensemble netCDF"}
+    ds.attrs = {SOURCE_ATTR: str(path), "source_layout": layout}
+    return canonicalise(ds, names)
+
+
+# --------------------------------------------------------------------------------------
+# GRIB (through xarray's cfgrib engine)
+# --------------------------------------------------------------------------------------
+
+
+def is_grib(path: Path) -> bool:
+    """Whether a local file is GRIB: by its suffix or its first bytes (``GRIB``)."""
+    if path.suffix.lower() in _GRIB_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GRIB"
+
+
+def _grib_hypercubes(path: Path) -> list[xr.Dataset]:
+    """The GRIB file's hypercubes as cfgrib builds them (one per level type, step range, …),
+    lazily; a truncated or corrupt message raises :class:`DataError` naming the file."""
+    try:
+        import cfgrib
+    except (ImportError, RuntimeError) as error:  # RuntimeError: the ecCodes library missing
+        raise DataError(f"cannot read GRIB file {path}: reading GRIB needs cfgrib and eccodes "
+                        f"(pip install weatherpeft[grib]); {type(error).__name__}: {error}") from error
+    try:
+        with warnings.catch_warnings():  # cfgrib merges with xarray's old defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            # No index file beside the data (read-only folders); every message is checked.
+            cubes = cfgrib.open_datasets(str(path), backend_kwargs={"indexpath": "", "errors": "raise"},
+                                         cache=False)
+    except Exception as error:  # eccodes' GribInternalError family, cfgrib's DatasetBuildError
+        raise DataError(f"cannot read GRIB file {path} (a truncated or corrupt file?): "
+                        f"{type(error).__name__}: {error}") from error
+    if not cubes:
+        raise DataError(f"GRIB file {path} holds no messages cfgrib can read")
+    return cubes
+
+
+def _is_forecast_cube(cube: xr.Dataset) -> bool:
+    """Several members or leads, or a lead other than 0: not an analysis."""
+    if "number" in cube.dims or "step" in cube.dims:
+        return True
+    step = cube.coords.get("step")
+    return step is not None and bool(np.any(step.values.astype("timedelta64[ns]").astype(np.int64)))
+
+
+def _analysis_arrays(cube: xr.Dataset, source: str,
+                     names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
+    """Name → array of one analysis hypercube (step 0, one member or none) with WB2's
+    names (:data:`STORE_NAMES`, as for netCDF), dims and units, lazily."""
+    cube = _rename_coords(cube.drop_vars([c for c in ("valid_time",) if c in cube.variables]),
+                          _table(names))
+    for dim in ("time", "level"):
+        if dim in cube.coords and cube[dim].ndim == 0:
+            cube = cube.expand_dims(dim)
+    cube = cube.reset_coords(drop=True)  # step, number, surface, heightAboveGround, ...
+    cube = cube.chunk({dim: (1 if dim == "time" else -1) for dim in cube.dims})
+    cube = cube.rename(_rename_table(cube, names))
+    times = _ensure_datetimes(cube["time"].values, source) if "time" in cube.dims else None
+    lat, lon = _grid_of(cube, source)
+    arrays = {name: (convert_units(array, name, source) if name in UNITS else array)
+              for name, array in cube.data_vars.items()}
+    return arrays, _Piece(source, lat, lon, times)
+
+
+def open_grib(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Open a GRIB file through xarray's cfgrib engine (``pip install weatherpeft[grib]``),
+    lazily, in canonical form: an analysis (step 0, one member or none) as a WB2 store, a
+    forecast (several members or leads) in WB2's forecast layout, as :func:`open_ensemble`.
+    ECMWF short names go through :data:`STORE_NAMES` (+ ``names``) as in netCDF files.
+    """
+    _require_dask()
+    path = Path(path)
+    source = str(path)
+    cubes = _grib_hypercubes(path)
+    if any(_is_forecast_cube(cube) for cube in cubes):
+        return _combine_ensemble((_ensemble_arrays(cube, source, names) for cube in cubes), path,
+                                 "ensemble GRIB", names)
+    arrays: dict[str, xr.DataArray] = {}
+    pieces: dict[str, _Piece] = {}
+    for index, cube in enumerate(cubes):
+        named, pieces[str(index)] = _analysis_arrays(cube, source, names)
+        repeated = sorted(set(named) & set(arrays))
+        if repeated:
+            raise DataError(f"GRIB file {path} holds {repeated} on two kinds of level; keep one "
+                            "or rename one with `names`")
+        arrays.update(named)
+    _check_grids(pieces)
+    reference = pieces["0"]
+    ds = _merge({name: _on_grid(array, reference) for name, array in arrays.items()}, source)
+    ds.attrs = {SOURCE_ATTR: source, "source_layout": "GRIB analysis"}
     return canonicalise(ds, names)
 
 

@@ -181,7 +181,7 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     else:
         if not _looks_like_netcdf(path):
             raise DataError(f"cannot open {path}: unsupported format (expected a zarr "
-                            "directory or a netCDF file)")
+                            "directory, a netCDF or a GRIB file)")
         ds = _open_netcdf(path)
     if not ds.data_vars:
         raise DataError(f"cannot read {path}: it holds no data variables")
