@@ -58,7 +58,8 @@ def field(rng: np.random.Generator, typical: tuple[float, float]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def analysis(eccodes, tmp_path_factory) -> tuple[Path, dict]:
-    """Two analysis times: t and z at 500 and 850 hPa, 2t, msl, 10u and the orography z.
+    """Two analysis times: t and z at 500 and 850 hPa, 2t, msl, 10u and the orography z;
+    the land-sea mask at the first time only.
 
     Returns the file and {(short name, level or None, time index): values written}."""
     path = tmp_path_factory.mktemp("grib") / "era5.grib2"
@@ -76,6 +77,10 @@ def analysis(eccodes, tmp_path_factory) -> tuple[Path, dict]:
                 written[short, None, index] = field(rng, typical)
                 write_message(eccodes, handle, "regular_ll_sfc_grib2", written[short, None, index],
                               shortName=short, **when)
+            if index == 0:
+                written["lsm", None, 0] = (rng.random((LAT.size, LON.size)) > 0.5).astype(np.float32)
+                write_message(eccodes, handle, "regular_ll_sfc_grib2", written["lsm", None, 0],
+                              shortName="lsm", **when)
     return path, written
 
 
@@ -90,13 +95,16 @@ def test_grib_analysis_opens_as_a_wb2_store(analysis):
     ds = open_store(path)
     assert ds.attrs["source_layout"] == "GRIB analysis"
     assert sorted(ds.data_vars) == ["10m_u_component_of_wind", "2m_temperature", "geopotential",
-                                    "geopotential_at_surface", "mean_sea_level_pressure", "temperature"]
+                                    "geopotential_at_surface", "land_sea_mask", "mean_sea_level_pressure",
+                                    "temperature"]
     assert list(ds.time.values) == [np.datetime64(t) for t in TIMES]
     assert list(ds.level.values) == list(LEVELS)
     np.testing.assert_array_equal(ds.latitude.values, LAT[::-1])
     np.testing.assert_array_equal(ds.longitude.values, LON)
     assert ds["temperature"].dims == ("time", "level", "longitude", "latitude")
     assert ds["2m_temperature"].dims == ("time", "longitude", "latitude")
+    assert ds["land_sea_mask"].dims == ("longitude", "latitude")  # given once: constant
+    np.testing.assert_array_equal(ds["land_sea_mask"].values, canonical_field(written["lsm", None, 0]))
     for index in range(len(TIMES)):
         for level_index, level in enumerate(LEVELS):
             np.testing.assert_array_equal(ds["temperature"].values[index, level_index],
@@ -125,7 +133,7 @@ def test_grib_analysis_serves_samples(analysis):
     """Aurora's layout (latitude decreasing) is the file's own row order."""
     path, written = analysis
     spec = SampleSpec(surf_vars=("2t", "msl", "10u"), atmos_vars=("z", "t"),
-                      static_vars=("geopotential_at_surface",), history=1, lead=timedelta(hours=6))
+                      static_vars=("geopotential_at_surface", "lsm"), history=1, lead=timedelta(hours=6))
     dataset = WB2Dataset(path, spec)
     assert len(dataset) == 1
     inputs, target = dataset[0]
@@ -135,6 +143,7 @@ def test_grib_analysis_serves_samples(analysis):
     np.testing.assert_array_equal(inputs.surf_vars["msl"][0, 0].numpy(), written["msl", None, 0])
     np.testing.assert_array_equal(target.atmos_vars["t"][0, 0, 1].numpy(), written["t", 850, 1])
     np.testing.assert_array_equal(inputs.static_vars["z"].numpy(), written["z", None, 0])
+    np.testing.assert_array_equal(target.static_vars["lsm"].numpy(), written["lsm", None, 0])
 
 
 def test_data_check_and_info_pass_on_a_grib_file(analysis, capsys):

@@ -923,19 +923,25 @@ def _is_forecast_cube(cube: xr.Dataset) -> bool:
 def _analysis_arrays(cube: xr.Dataset, source: str,
                      names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
     """Name → array of one analysis hypercube (step 0, one member or none) with WB2's
-    names (:data:`STORE_NAMES`, as for netCDF), dims and units, lazily."""
+    names (:data:`STORE_NAMES`, as for netCDF), dims and units, lazily. A constant field
+    (land-sea mask, orography, soil type) given at one time only has no time axis."""
     cube = _rename_coords(cube.drop_vars([c for c in ("valid_time",) if c in cube.variables]),
                           _table(names))
-    for dim in ("time", "level"):
-        if dim in cube.coords and cube[dim].ndim == 0:
-            cube = cube.expand_dims(dim)
-    cube = cube.reset_coords(drop=True)  # step, number, surface, heightAboveGround, ...
-    cube = cube.chunk({dim: (1 if dim == "time" else -1) for dim in cube.dims})
+    if "level" in cube.coords and cube["level"].ndim == 0:
+        cube = cube.expand_dims("level")
     cube = cube.rename(_rename_table(cube, names))
-    times = _ensure_datetimes(cube["time"].values, source) if "time" in cube.dims else None
+    if "time" not in cube.coords:
+        raise DataError(f"a hypercube of GRIB file {source} has no time; it has "
+                        f"{sorted(map(str, cube.coords))}")
+    single = np.atleast_1d(cube["time"].values) if cube["time"].ndim == 0 else None
+    times = _ensure_datetimes(np.atleast_1d(cube["time"].values), source)
     lat, lon = _grid_of(cube, source)
-    arrays = {name: (convert_units(array, name, source) if name in UNITS else array)
-              for name, array in cube.data_vars.items()}
+    arrays = {}
+    for name, array in cube.reset_coords(drop=True).data_vars.items():  # step, number, surface, …
+        if single is not None and name not in WEATHERBENCH1_CONSTANTS.values():
+            array = array.expand_dims(time=single)
+        array = array.chunk({dim: (1 if dim == "time" else -1) for dim in array.dims})
+        arrays[str(name)] = convert_units(array, name, source) if name in UNITS else array
     return arrays, _Piece(source, lat, lon, times)
 
 
