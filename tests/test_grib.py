@@ -113,7 +113,8 @@ def test_grib_analysis_opens_as_a_wb2_store(analysis):
                                           canonical_field(written["z", level, index]))
         for short, name in CANONICAL.items():
             if short in SURFACE:
-                np.testing.assert_array_equal(ds[name].values[index], canonical_field(written[short, None, index]))
+                np.testing.assert_array_equal(ds[name].values[index],
+                                              canonical_field(written[short, None, index]))
         np.testing.assert_array_equal(ds["geopotential_at_surface"].values[index],
                                       canonical_field(written["z", None, index]))
     assert ds["temperature"].attrs["units"] == "K"
@@ -162,7 +163,8 @@ def test_truncated_grib_is_named(analysis, tmp_path, capsys, keep):
     data = path.read_bytes()
     truncated = tmp_path / "truncated.grib2"
     truncated.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(DataError, match=rf"cannot read GRIB file {truncated} \(a truncated or corrupt file\?\)"):
+    message = rf"cannot read GRIB file {truncated} \(a truncated or corrupt file\?\)"
+    with pytest.raises(DataError, match=message):
         open_store(truncated)
     assert main(["data", "check", str(truncated)]) == 1
     error = capsys.readouterr().err

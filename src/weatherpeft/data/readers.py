@@ -32,6 +32,17 @@ hands everything else to :func:`open_special`, so every consumer (``WB2Dataset``
   they are concatenated and sorted). Detected by a netCDF file, or a directory of them, with
   a member (``number``, ``member``, ``realization``, ``ensemble_member``) or lead-time
   (``step``, ``prediction_timedelta``, ``lead_time``) dimension.
+* **GRIB** (ERA5 and ECMWF ENS as MARS and the CDS deliver them, ENS-10's original files) —
+  :func:`open_grib`, through xarray's ``cfgrib`` engine (``pip install weatherpeft[grib]``;
+  without it a clear :class:`DataError`). cfgrib splits a file into hypercubes (one per level
+  type, …) with dims ``number``, ``time``, ``step``, ``isobaricInhPa``, ``latitude``
+  (90 … −90), ``longitude``, ECMWF short names (``t``, ``z``, ``2t`` as ``t2m``, ``10u`` as
+  ``u10``, ``msl``, ``tp``) and a derived ``valid_time``. An analysis (every step 0, one
+  member or none) becomes a WB2 store with the netCDF path's names (:data:`STORE_NAMES`; a
+  surface ``z`` is the orography, a constant field given at one time only loses its time
+  axis); anything with members or leads goes the ENS-10 way below. Detected by the suffix
+  (``.grib``, ``.grib2``, ``.grb``, ``.grb2``) or the first bytes ``GRIB``. cfgrib writes no
+  index file beside the data; a truncated or corrupt message is an error naming the file.
 * **Remote stores** (fsspec URLs: ``gs://weatherbench2/datasets/era5/….zarr``, ``s3://``,
   ``https://``, ``memory://``) — :func:`open_remote`: zarr through ``xr.open_zarr`` with
   ``storage_options`` (e.g. ``{"token": "anon"}`` for WB2's public bucket; ``gs://`` needs
@@ -319,7 +330,7 @@ def open_special(path: str | os.PathLike, names: Mapping[str, str] | None = None
 
 def _require_dask() -> None:
     if importlib.util.find_spec("dask") is None:  # pragma: no cover - dask is a dependency
-        raise ImportError("reading WeatherBench (1) and ensemble netCDF lazily needs dask "
+        raise ImportError("reading WeatherBench (1), ensemble netCDF and GRIB lazily needs dask "
                           "(pip install dask)")
 
 

@@ -165,8 +165,8 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
 
     ``names`` adds to (and overrides) :data:`STORE_NAMES`. Nothing is read but metadata and
     coordinates; see :func:`canonicalise` for what is changed. fsspec URLs (with
-    ``storage_options``), WeatherBench (1) directories and ENS-10-style ensemble netCDF are
-    opened by :mod:`weatherpeft.data.readers`.
+    ``storage_options``), WeatherBench (1) directories, ENS-10-style ensemble netCDF and
+    GRIB files are opened by :mod:`weatherpeft.data.readers`.
     """
     from weatherpeft.data import readers  # imports this module: resolved at call time
 
