@@ -188,16 +188,19 @@ def test_grib_with_a_bad_value_is_named_by_coordinates(eccodes, tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def ensemble(eccodes, tmp_path_factory) -> tuple[Path, dict]:
-    """One initialisation, members 1–2, steps 0 and 24 h: t at 500/850 hPa and 2t."""
+    """One initialisation, steps 0 and 24 h, t at 500/850 hPa and 2t: the control forecast
+    (member 0) and perturbed members 1–2, as ECMWF writes them (two hypercubes for cfgrib)."""
     path = tmp_path_factory.mktemp("grib") / "ens.grib2"
     rng = np.random.default_rng(1)
     written = {}
-    ensemble_keys = {"productDefinitionTemplateNumber": 1, "typeOfEnsembleForecast": 3,
+    ensemble_keys = {"setLocalDefinition": 1, "productDefinitionTemplateNumber": 1,
                      "numberOfForecastsInEnsemble": 10, "dataDate": 20030101, "dataTime": 1200}
     with open(path, "wb") as handle:
-        for member in (1, 2):
+        for member in (0, 1, 2):
+            control = {"type": "cf", "typeOfEnsembleForecast": 1} if member == 0 else \
+                {"type": "pf", "typeOfEnsembleForecast": 3}
             for step in (0, 24):
-                keys = {**ensemble_keys, "perturbationNumber": member, "stepRange": step}
+                keys = {**ensemble_keys, **control, "perturbationNumber": member, "stepRange": step}
                 for level in LEVELS:
                     written["t", member, step, level] = field(rng, UPPER["t"])
                     write_message(eccodes, handle, "regular_ll_pl_grib2", written["t", member, step, level],
@@ -212,16 +215,17 @@ def test_ensemble_grib_opens_as_the_wb2_forecast_layout(ensemble, capsys):
     path, written = ensemble
     ds = open_store(path)
     assert ds.attrs["source_layout"] == "ensemble GRIB"
-    assert list(ds.number.values) == [1, 2]
+    assert list(ds.number.values) == [0, 1, 2]
     assert list(ds.prediction_timedelta.values) == [np.timedelta64(0, "h"), np.timedelta64(24, "h")]
     assert list(ds.time.values) == [np.datetime64("2003-01-01T12:00")]
     assert list(ds.level.values) == list(LEVELS)
     got = ds["temperature"].sel(number=2, prediction_timedelta=np.timedelta64(24, "h"), level=850)
     np.testing.assert_array_equal(got.isel(time=0).values, canonical_field(written["t", 2, 24, 850]))
-    got = ds["2m_temperature"].sel(number=1, prediction_timedelta=np.timedelta64(0, "h"))
-    np.testing.assert_array_equal(got.isel(time=0).values, canonical_field(written["2t", 1, 0, None]))
+    for member in (0, 1):
+        got = ds["2m_temperature"].sel(number=member, prediction_timedelta=np.timedelta64(0, "h"))
+        np.testing.assert_array_equal(got.isel(time=0).values, canonical_field(written["2t", member, 0, None]))
     assert main(["data", "check", str(path)]) == 0
-    assert "1 inits, 2 members, all finite and plausible" in capsys.readouterr().out
+    assert "1 inits, 3 members, all finite and plausible" in capsys.readouterr().out
 
 
 def test_grib_without_cfgrib_asks_for_the_extra(tmp_path, monkeypatch):

@@ -28,8 +28,9 @@ hands everything else to :func:`open_special`, so every consumer (``WB2Dataset``
   (``T2M``, ``U10M``, ``Z``, …, ``plev`` in Pa, ``lat``/``lon``). Mapped to WB2's forecast
   layout as in ``data/builtin/ensemble.zarr``: ``time`` (initialisation),
   ``prediction_timedelta``, ``number``, ``level``, ``longitude``, ``latitude``. Files may be
-  split by variable and by initialisation (ENS-10's per-day-of-year files interleave in time:
-  they are concatenated and sorted). Detected by a netCDF file, or a directory of them, with
+  split by variable, by member (ECMWF's control and perturbed forecasts) and by
+  initialisation (ENS-10's per-day-of-year files interleave in time: they are concatenated
+  and sorted). Detected by a netCDF file, or a directory of them, with
   a member (``number``, ``member``, ``realization``, ``ensemble_member``) or lead-time
   (``step``, ``prediction_timedelta``, ``lead_time``) dimension.
 * **GRIB** (ERA5 and ECMWF ENS as MARS and the CDS deliver them, ENS-10's original files) —
@@ -854,10 +855,28 @@ def open_ensemble(path: str | os.PathLike, names: Mapping[str, str] | None = Non
                              "ensemble netCDF", names)
 
 
+def _join_members(parts: list[tuple[xr.DataArray, _Piece]]) -> list[tuple[xr.DataArray, _Piece]]:
+    """One variable's pieces with other members of the same initialisations, leads and levels
+    (ECMWF's control and perturbed forecasts: two GRIB hypercubes) joined along ``number``."""
+    joined: list[tuple[xr.DataArray, _Piece]] = []
+    for array, piece in parts:
+        for k, (other, first_piece) in enumerate(joined):
+            if (_MEMBER in array.dims and _MEMBER in other.dims
+                    and all(_same_coords(other, array, dim) for dim in ("time", _LEAD, "level"))
+                    and not np.intersect1d(other[_MEMBER].values, array[_MEMBER].values).size):
+                both = xr.concat([other, array], dim=_MEMBER, coords="minimal", compat="override",
+                                 join="exact")
+                joined[k] = (both.sortby(_MEMBER), first_piece)
+                break
+        else:
+            joined.append((array, piece))
+    return joined
+
+
 def _combine_ensemble(parts: Iterable[tuple[dict[str, xr.DataArray], _Piece]], path: Path,
                       layout: str, names: Mapping[str, str] | None) -> xr.Dataset:
     """One canonical forecast-layout dataset from the pieces' arrays (files or hypercubes on
-    one grid, split by initialisation time and variable only)."""
+    one grid, split by initialisation time, member and variable only)."""
     by_variable: dict[str, list[tuple[xr.DataArray, _Piece]]] = {}
     pieces: list[_Piece] = []
     for arrays, piece in parts:
@@ -868,13 +887,14 @@ def _combine_ensemble(parts: Iterable[tuple[dict[str, xr.DataArray], _Piece]], p
             by_variable.setdefault(name, []).append((_on_grid(array, pieces[0]), piece))
     combined = {}
     for name, parts_of_name in by_variable.items():
+        parts_of_name = _join_members(parts_of_name)
         first = parts_of_name[0][0]
         for array, piece in parts_of_name[1:]:
             for dim in (_LEAD, _MEMBER, "level"):
                 if not _same_coords(first, array, dim):
                     raise DataError(f"'{name}' in {piece.source} has other {dim} values than in "
                                     f"{parts_of_name[0][1].source}: files may split an ensemble "
-                                    "by initialisation time and variable only")
+                                    "by initialisation time, member and variable only")
         if len(parts_of_name) == 1:
             array = first
         else:
