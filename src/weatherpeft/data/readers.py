@@ -89,6 +89,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -930,11 +931,13 @@ def _grib_hypercubes(path: Path) -> list[xr.Dataset]:
         raise DataError(f"cannot read GRIB file {path}: reading GRIB needs cfgrib and eccodes "
                         f"(pip install weatherpeft[grib]); {type(error).__name__}: {error}") from error
     try:
-        with warnings.catch_warnings():  # cfgrib merges with xarray's old defaults
-            warnings.simplefilter("ignore", FutureWarning)
-            # No index file beside the data (read-only folders); every message is checked.
-            cubes = cfgrib.open_datasets(str(path), backend_kwargs={"indexpath": "", "errors": "raise"},
-                                         cache=False)
+        # cfgrib's message index goes to a scratch folder, not beside the data (read-only
+        # folders); it is in memory once opened. Without one, cfgrib rescans the file for
+        # every variable and level type: 7× slower on 280 messages.
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
+            warnings.simplefilter("ignore", FutureWarning)  # cfgrib merges with old defaults
+            options = {"indexpath": os.path.join(scratch, "{short_hash}.idx"), "errors": "raise"}
+            cubes = cfgrib.open_datasets(str(path), backend_kwargs=options, cache=False)
     except Exception as error:  # eccodes' GribInternalError family, cfgrib's DatasetBuildError
         raise DataError(f"cannot read GRIB file {path} (a truncated or corrupt file?): "
                         f"{type(error).__name__}: {error}") from error
