@@ -165,15 +165,18 @@ def test_unmasked_fill_value_fails_when_the_dataset_is_built(tmp_path, capsys, f
     store = write(tmp_path, world)
     what = {9.96921e36: "implausible value 9.96921e+36", 1e20: "implausible value 1e+20",
             -9999.0: "implausible value -9999"}.get(fill, str(fill).replace("nan", "NaN"))
+    # latitude index 20 of 32 ascending = row 11 counted from the north, as in a sample
     message = (f"{re.escape(what)}.* in variable 'temperature' at level 850 hPa at time 2001-03-02 12:00:00 "
-               f"\\(store time index 6\\), latitude .*, longitude 56.25, in {store}")
+               f"\\(store time index 6\\), latitude 25.3125 \\(row 11\\), longitude 56.25 \\(column 10\\), "
+               f"in {store}")
     with pytest.raises(DataError, match=message):
         WB2Dataset(store, SPEC)  # small enough to be loaded, so checked, at construction
     lazy = WB2Dataset(store, SampleSpec(in_memory=False))
     lazy[0]  # times 0–2: clean
     with pytest.raises(DataError, match=message):
         lazy[4]  # times 4, 5 → 6
-    assert_check_fails(store, capsys, what, "'temperature' at level 850 hPa", "2001-03-02 12:00:00", str(store))
+    assert_check_fails(store, capsys, what, "'temperature' at level 850 hPa", "2001-03-02 12:00:00",
+                       "latitude 25.3125 (row 11), longitude 56.25 (column 10)", str(store))
 
 
 def test_declared_fill_value_is_masked_and_named(tmp_path):
@@ -208,7 +211,8 @@ def test_static_fill_value_is_named(tmp_path):
     world["land_sea_mask"][5, 6] = -9999.0
     store = write(tmp_path, world)
     with pytest.raises(DataError, match=rf"implausible value -9999 .* in static variable 'land_sea_mask', "
-                                        rf"latitude .*, longitude 28.125, in {store}"):
+                                        rf"latitude -53.4375 \(row 25\), longitude 28.125 \(column 5\), "
+                                        rf"in {store}"):
         WB2Dataset(store, SPEC)
 
 
@@ -266,7 +270,8 @@ def test_missing_zarr_chunk_reads_as_nan_and_is_named(clean_store, tmp_path):
     store = _copy(clean_store, tmp_path / "damaged.zarr")
     (store / "2m_temperature" / "2.0.0").unlink()  # times 8–11
     with pytest.raises(DataError, match=rf"NaN in variable '2m_temperature' at time 2001-03-03 00:00:00 "
-                                        rf"\(store time index 8\), .* in {store}"):
+                                        rf"\(store time index 8\), latitude 87.1875 \(row 0\), "
+                                        rf"longitude 0 \(column 0\), in {store}"):
         validate(store)
 
 
@@ -322,7 +327,9 @@ def test_forecast_store_fill_value_is_named_by_init(tmp_path, capsys):
     path = tmp_path / "ensemble.zarr"
     strip_encoding(ensemble).to_zarr(path, zarr_format=2, consolidated=True)
     assert_check_fails(path, capsys, "implausible value -9999", "'temperature'",
-                       "init 2003-01-03T06:00 (time index 1)", "'number': 4", "'level': 1", str(path))
+                       "init 2003-01-03T06:00 (time index 1)", "lead 2 days 00:00:00 (lead index 0)",
+                       "member 4 (member index 4)", "level 850 hPa (level index 1)",
+                       "latitude -70.3125 (row 28), longitude 11.25 (column 2)", str(path))
 
 
 def test_zarr_array_with_the_pickle_codec_is_refused(clean_store, tmp_path):

@@ -227,7 +227,9 @@ def test_weatherbench1_through_wb2dataset(wb1):
     # Asking for temperature at 500 hPa, which the directory lacks, names it when read.
     missing = WB2Dataset(root, SampleSpec(surf_vars=("2t",), atmos_vars=("t",), levels=(500,),
                                           step=timedelta(hours=6), in_memory=False))
-    with pytest.raises(ValueError, match=r"'temperature' at level 500 hPa"):
+    # the grid runs south to north on disk: its last row, 87.1875°N, is a sample's row 0
+    with pytest.raises(ValueError, match=r"'temperature' at level 500 hPa at time .* \(store time index "
+                                         r"\d+\), latitude 87.1875 \(row 0\), longitude 0 \(column 0\)"):
         missing[0]
 
 

@@ -334,9 +334,11 @@ def nan_store(tmp_path_factory) -> object:
 def test_nan_is_reported_when_a_sample_is_read(nan_store):
     dataset = WB2Dataset(nan_store, SampleSpec(surf_vars=SURF, atmos_vars=ATMOS, in_memory=False))
     dataset[0]  # times 0..2: clean
-    with pytest.raises(ValueError, match=r"'2m_temperature' at time 2001-03-02 06:00:00"):
+    with pytest.raises(ValueError, match=r"'2m_temperature' at time 2001-03-02 06:00:00 \(store time index 5\), "
+                                         r"latitude 25.3125 \(row 11\), longitude 56.25 \(column 10\)"):
         dataset[3]  # times 3, 4 → 5
-    with pytest.raises(ValueError, match=r"'temperature' at level 850 hPa at time 2001-03-03 06:00:00"):
+    with pytest.raises(ValueError, match=r"'temperature' at level 850 hPa at time 2001-03-03 06:00:00 \(store time "
+                                         r"index 9\), latitude -64.6875 \(row 27\), longitude 16.875 \(column 3\)"):
         dataset[8]
 
 
@@ -359,7 +361,8 @@ def test_validate_reports_first_nan_and_passes_clean_store(nan_store, wb2_store)
 def test_nan_in_static_field_fails_at_construction(world_decoded):
     broken = world_decoded.copy(deep=True)
     broken["land_sea_mask"][0, 0] = np.nan
-    with pytest.raises(ValueError, match="static variable 'land_sea_mask'"):
+    with pytest.raises(ValueError, match=r"static variable 'land_sea_mask', latitude -87.1875 \(row 31\), "
+                                         r"longitude 0 \(column 0\)"):
         WB2Dataset(broken, SPEC)
 
 

@@ -54,7 +54,7 @@ def _check_forecast_store(ds, path: Path) -> str:
             if found is not None:
                 where, what = found
                 raise wb2.DataError(f"{what} in variable '{name}' at {init}, "
-                                    f"{dict(zip(field.dims, where))}, in {path}")
+                                    f"{wb2.describe_index(field, where)}, in {path}")
     return f"{ds.sizes['time']} inits, {ds.sizes.get('number', 1)} members, all finite and plausible"
 
 

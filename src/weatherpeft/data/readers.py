@@ -28,10 +28,22 @@ hands everything else to :func:`open_special`, so every consumer (``WB2Dataset``
   (``T2M``, ``U10M``, ``Z``, …, ``plev`` in Pa, ``lat``/``lon``). Mapped to WB2's forecast
   layout as in ``data/builtin/ensemble.zarr``: ``time`` (initialisation),
   ``prediction_timedelta``, ``number``, ``level``, ``longitude``, ``latitude``. Files may be
-  split by variable and by initialisation (ENS-10's per-day-of-year files interleave in time:
-  they are concatenated and sorted). Detected by a netCDF file, or a directory of them, with
+  split by variable, by member (ECMWF's control and perturbed forecasts) and by
+  initialisation (ENS-10's per-day-of-year files interleave in time: they are concatenated
+  and sorted). Detected by a netCDF file, or a directory of them, with
   a member (``number``, ``member``, ``realization``, ``ensemble_member``) or lead-time
   (``step``, ``prediction_timedelta``, ``lead_time``) dimension.
+* **GRIB** (ERA5 and ECMWF ENS as MARS and the CDS deliver them, ENS-10's original files) —
+  :func:`open_grib`, through xarray's ``cfgrib`` engine (``pip install weatherpeft[grib]``;
+  without it a clear :class:`DataError`). cfgrib splits a file into hypercubes (one per level
+  type, …) with dims ``number``, ``time``, ``step``, ``isobaricInhPa``, ``latitude``
+  (90 … −90), ``longitude``, ECMWF short names (``t``, ``z``, ``2t`` as ``t2m``, ``10u`` as
+  ``u10``, ``msl``, ``tp``) and a derived ``valid_time``. An analysis (every step 0, one
+  member or none) becomes a WB2 store with the netCDF path's names (:data:`STORE_NAMES`; a
+  surface ``z`` is the orography, a constant field given at one time only loses its time
+  axis); anything with members or leads goes the ENS-10 way below. Detected by the suffix
+  (``.grib``, ``.grib2``, ``.grb``, ``.grb2``) or the first bytes ``GRIB``. cfgrib writes no
+  index file beside the data; a truncated or corrupt message is an error naming the file.
 * **Remote stores** (fsspec URLs: ``gs://weatherbench2/datasets/era5/….zarr``, ``s3://``,
   ``https://``, ``memory://``) — :func:`open_remote`: zarr through ``xr.open_zarr`` with
   ``storage_options`` (e.g. ``{"token": "anon"}`` for WB2's public bucket; ``gs://`` needs
@@ -77,6 +89,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +100,7 @@ import pandas as pd
 import xarray as xr
 
 from weatherpeft.data.wb2 import (_ANY_VALUE, SOURCE_ATTR, STORE_NAMES, DataError, _is_zarr_dir,
-                                  _looks_like_netcdf, canonicalise)
+                                  _looks_like_netcdf, _rename_table, canonicalise)
 
 __all__ = [
     "ENSEMBLE_DIMS",
@@ -97,8 +111,10 @@ __all__ = [
     "WEATHERBENCH1_CONSTANTS",
     "convert_units",
     "detect_layout",
+    "is_grib",
     "is_url",
     "open_ensemble",
+    "open_grib",
     "open_remote",
     "open_special",
     "open_weatherbench1",
@@ -222,6 +238,7 @@ _LEAD = "prediction_timedelta"
 #: Variables that only describe others (bounds, 2-D coordinates, projections): dropped.
 _AUXILIARY = re.compile(r"(_bnds|_bounds)$|^(lat2d|lon2d|crs|spatial_ref)$")
 _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
+_GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+)://?(?P<rest>.*)$")
 _CHUNK_BYTES = 8 * 2**20
 
@@ -266,10 +283,12 @@ def _peek_dims(path: Path) -> set[str]:
 
 
 def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> str | None:
-    """Which reader opens ``path``: ``"remote"``, ``"weatherbench1"``, ``"ensemble"`` or None.
+    """Which reader opens ``path``: ``"remote"``, ``"weatherbench1"``, ``"ensemble"``,
+    ``"grib"`` or None.
 
     None means WB2 layout (a zarr directory or a plain netCDF file) or nothing at all: left to
-    :func:`weatherpeft.data.wb2.open_store`. Only directory listings and netCDF headers are read.
+    :func:`weatherpeft.data.wb2.open_store`. Only directory listings, netCDF headers and a
+    file's first bytes are read.
     """
     if is_url(path):
         return "remote"
@@ -285,6 +304,8 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
         if files and _ensemble_dims(_peek_dims(files[0]), names):
             return "ensemble"
         return "weatherbench1"  # it reports that no variable folder was recognised
+    if is_grib(path):
+        return "grib"
     if _looks_like_netcdf(path) and _ensemble_dims(_peek_dims(path), names):
         return "ensemble"
     return None
@@ -292,7 +313,8 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
 
 def open_special(path: str | os.PathLike, names: Mapping[str, str] | None = None, *,
                  storage_options: Mapping | None = None) -> xr.Dataset | None:
-    """Open ``path`` if it is a remote URL, a WeatherBench (1) directory or ensemble netCDF.
+    """Open ``path`` if it is a remote URL, a WeatherBench (1) directory, ensemble netCDF or
+    a GRIB file.
 
     Returns the canonical dataset, or None when ``path`` is for ``wb2.open_store``'s own code.
     """
@@ -303,12 +325,14 @@ def open_special(path: str | os.PathLike, names: Mapping[str, str] | None = None
         return open_weatherbench1(path, names)
     if layout == "ensemble":
         return open_ensemble(path, names)
+    if layout == "grib":
+        return open_grib(path, names)
     return None
 
 
 def _require_dask() -> None:
     if importlib.util.find_spec("dask") is None:  # pragma: no cover - dask is a dependency
-        raise ImportError("reading WeatherBench (1) and ensemble netCDF lazily needs dask "
+        raise ImportError("reading WeatherBench (1), ensemble netCDF and GRIB lazily needs dask "
                           "(pip install dask)")
 
 
@@ -765,13 +789,19 @@ def _lead_as_timedelta(ds: xr.Dataset, source: str) -> xr.Dataset:
 
 
 def _open_ensemble_file(path: Path, names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
-    source = str(path)
-    table = _table(names, ENSEMBLE_NAMES)
-    dims_table = {**table, **ENSEMBLE_DIMS, **(names or {})}
     try:
         ds = xr.open_dataset(path, decode_timedelta=False, cache=False)
     except Exception as error:
-        raise DataError(f"cannot read netCDF file {source}: {error}") from error
+        raise DataError(f"cannot read netCDF file {path}: {error}") from error
+    return _ensemble_arrays(ds, str(path), names)
+
+
+def _ensemble_arrays(ds: xr.Dataset, source: str,
+                     names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
+    """Canonical name → array (time, prediction_timedelta, number, level, … lazily) of one
+    opened ensemble netCDF file or GRIB hypercube, and its grid and times."""
+    table = _table(names, ENSEMBLE_NAMES)
+    dims_table = {**table, **ENSEMBLE_DIMS, **(names or {})}
     # One dask chunk per initialisation and lead, chunked before anything reshapes the data.
     chunks = {dim: (1 if dims_table.get(str(dim), str(dim)) in ("time", _LEAD) else -1)
               for dim in ds.dims}
@@ -822,34 +852,159 @@ def open_ensemble(path: str | os.PathLike, names: Mapping[str, str] | None = Non
     files = _netcdf_files(path, recursive=True) if path.is_dir() else [path]
     if not files:
         raise DataError(f"no netCDF files in {path}")
+    return _combine_ensemble((_open_ensemble_file(file, names) for file in files), path,
+                             "ensemble netCDF", names)
+
+
+def _join_members(parts: list[tuple[xr.DataArray, _Piece]]) -> list[tuple[xr.DataArray, _Piece]]:
+    """One variable's pieces with other members of the same initialisations, leads and levels
+    (ECMWF's control and perturbed forecasts: two GRIB hypercubes) joined along ``number``."""
+    joined: list[tuple[xr.DataArray, _Piece]] = []
+    for array, piece in parts:
+        for k, (other, first_piece) in enumerate(joined):
+            if (_MEMBER in array.dims and _MEMBER in other.dims
+                    and all(_same_coords(other, array, dim) for dim in ("time", _LEAD, "level"))
+                    and not np.intersect1d(other[_MEMBER].values, array[_MEMBER].values).size):
+                both = xr.concat([other, array], dim=_MEMBER, coords="minimal", compat="override",
+                                 join="exact")
+                joined[k] = (both.sortby(_MEMBER), first_piece)
+                break
+        else:
+            joined.append((array, piece))
+    return joined
+
+
+def _combine_ensemble(parts: Iterable[tuple[dict[str, xr.DataArray], _Piece]], path: Path,
+                      layout: str, names: Mapping[str, str] | None) -> xr.Dataset:
+    """One canonical forecast-layout dataset from the pieces' arrays (files or hypercubes on
+    one grid, split by initialisation time, member and variable only)."""
     by_variable: dict[str, list[tuple[xr.DataArray, _Piece]]] = {}
     pieces: list[_Piece] = []
-    for file in files:
-        arrays, piece = _open_ensemble_file(file, names)
+    for arrays, piece in parts:
         if pieces and not _same_grid(pieces[0], piece):
             raise _grid_error(pieces[0], piece)
         pieces.append(piece)
         for name, array in arrays.items():
             by_variable.setdefault(name, []).append((_on_grid(array, pieces[0]), piece))
     combined = {}
-    for name, parts in by_variable.items():
-        first = parts[0][0]
-        for array, piece in parts[1:]:
+    for name, parts_of_name in by_variable.items():
+        parts_of_name = _join_members(parts_of_name)
+        first = parts_of_name[0][0]
+        for array, piece in parts_of_name[1:]:
             for dim in (_LEAD, _MEMBER, "level"):
                 if not _same_coords(first, array, dim):
                     raise DataError(f"'{name}' in {piece.source} has other {dim} values than in "
-                                    f"{parts[0][1].source}: files may split an ensemble by "
-                                    "initialisation time and variable only")
-        if len(parts) == 1:
+                                    f"{parts_of_name[0][1].source}: files may split an ensemble "
+                                    "by initialisation time, member and variable only")
+        if len(parts_of_name) == 1:
             array = first
         else:
-            array = xr.concat([a for a, _ in parts], dim="time", coords="minimal",
+            array = xr.concat([a for a, _ in parts_of_name], dim="time", coords="minimal",
                               compat="override", join="exact")
-        _check_times([p for _, p in parts], array.indexes["time"], f"'{name}' of {path}")
+        _check_times([p for _, p in parts_of_name], array.indexes["time"], f"'{name}' of {path}")
         combined[name] = array.transpose("time", *[d for d in (_LEAD, _MEMBER, "level")
                                                    if d in array.dims], ...)
     ds = _merge(combined, str(path))
-    ds.attrs = {SOURCE_ATTR: str(path), "source_layout": "ensemble netCDF"}
+    ds.attrs = {SOURCE_ATTR: str(path), "source_layout": layout}
+    return canonicalise(ds, names)
+
+
+# --------------------------------------------------------------------------------------
+# GRIB (through xarray's cfgrib engine)
+# --------------------------------------------------------------------------------------
+
+
+def is_grib(path: Path) -> bool:
+    """Whether a local file is GRIB: by its suffix or its first bytes (``GRIB``)."""
+    if path.suffix.lower() in _GRIB_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GRIB"
+
+
+def _grib_hypercubes(path: Path) -> list[xr.Dataset]:
+    """The GRIB file's hypercubes as cfgrib builds them (one per level type, step range, …),
+    lazily; a truncated or corrupt message raises :class:`DataError` naming the file."""
+    try:
+        import cfgrib
+    except (ImportError, RuntimeError) as error:  # RuntimeError: the ecCodes library missing
+        raise DataError(f"cannot read GRIB file {path}: reading GRIB needs cfgrib and eccodes "
+                        f"(pip install weatherpeft[grib]); {type(error).__name__}: {error}") from error
+    try:
+        # cfgrib's message index goes to a scratch folder, not beside the data (read-only
+        # folders); it is in memory once opened. Without one, cfgrib rescans the file for
+        # every variable and level type: 7× slower on 280 messages.
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
+            warnings.simplefilter("ignore", FutureWarning)  # cfgrib merges with old defaults
+            options = {"indexpath": os.path.join(scratch, "{short_hash}.idx"), "errors": "raise"}
+            cubes = cfgrib.open_datasets(str(path), backend_kwargs=options, cache=False)
+    except Exception as error:  # eccodes' GribInternalError family, cfgrib's DatasetBuildError
+        raise DataError(f"cannot read GRIB file {path} (a truncated or corrupt file?): "
+                        f"{type(error).__name__}: {error}") from error
+    if not cubes:
+        raise DataError(f"GRIB file {path} holds no messages cfgrib can read")
+    return cubes
+
+
+def _is_forecast_cube(cube: xr.Dataset) -> bool:
+    """Several members or leads, or a lead other than 0: not an analysis."""
+    if "number" in cube.dims or "step" in cube.dims:
+        return True
+    step = cube.coords.get("step")
+    return step is not None and bool(np.any(step.values.astype("timedelta64[ns]").astype(np.int64)))
+
+
+def _analysis_arrays(cube: xr.Dataset, source: str,
+                     names: Mapping[str, str] | None) -> tuple[dict[str, xr.DataArray], _Piece]:
+    """Name → array of one analysis hypercube (step 0, one member or none) with WB2's
+    names (:data:`STORE_NAMES`, as for netCDF), dims and units, lazily. A constant field
+    (land-sea mask, orography, soil type) given at one time only has no time axis."""
+    cube = _rename_coords(cube.drop_vars([c for c in ("valid_time",) if c in cube.variables]),
+                          _table(names))
+    if "level" in cube.coords and cube["level"].ndim == 0:
+        cube = cube.expand_dims("level")
+    cube = cube.rename(_rename_table(cube, names))
+    if "time" not in cube.coords:
+        raise DataError(f"a hypercube of GRIB file {source} has no time; it has "
+                        f"{sorted(map(str, cube.coords))}")
+    single = np.atleast_1d(cube["time"].values) if cube["time"].ndim == 0 else None
+    times = _ensure_datetimes(np.atleast_1d(cube["time"].values), source)
+    lat, lon = _grid_of(cube, source)
+    arrays = {}
+    for name, array in cube.reset_coords(drop=True).data_vars.items():  # step, number, surface, …
+        if single is not None and name not in WEATHERBENCH1_CONSTANTS.values():
+            array = array.expand_dims(time=single)
+        array = array.chunk({dim: (1 if dim == "time" else -1) for dim in array.dims})
+        arrays[str(name)] = convert_units(array, name, source) if name in UNITS else array
+    return arrays, _Piece(source, lat, lon, times)
+
+
+def open_grib(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> xr.Dataset:
+    """Open a GRIB file through xarray's cfgrib engine (``pip install weatherpeft[grib]``),
+    lazily, in canonical form: an analysis (step 0, one member or none) as a WB2 store, a
+    forecast (several members or leads) in WB2's forecast layout, as :func:`open_ensemble`.
+    ECMWF short names go through :data:`STORE_NAMES` (+ ``names``) as in netCDF files.
+    """
+    _require_dask()
+    path = Path(path)
+    source = str(path)
+    cubes = _grib_hypercubes(path)
+    if any(_is_forecast_cube(cube) for cube in cubes):
+        return _combine_ensemble((_ensemble_arrays(cube, source, names) for cube in cubes), path,
+                                 "ensemble GRIB", names)
+    arrays: dict[str, xr.DataArray] = {}
+    pieces: dict[str, _Piece] = {}
+    for index, cube in enumerate(cubes):
+        named, pieces[str(index)] = _analysis_arrays(cube, source, names)
+        repeated = sorted(set(named) & set(arrays))
+        if repeated:
+            raise DataError(f"GRIB file {path} holds {repeated} on two kinds of level; keep one "
+                            "or rename one with `names`")
+        arrays.update(named)
+    _check_grids(pieces)
+    reference = pieces["0"]
+    ds = _merge({name: _on_grid(array, reference) for name, array in arrays.items()}, source)
+    ds.attrs = {SOURCE_ATTR: source, "source_layout": "GRIB analysis"}
     return canonicalise(ds, names)
 
 

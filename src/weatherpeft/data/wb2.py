@@ -45,6 +45,8 @@ __all__ = [
     "check_finite",
     "check_static",
     "collate_batches",
+    "describe_index",
+    "describe_point",
     "find_bad_value",
     "open_period",
     "open_store",
@@ -132,7 +134,8 @@ SOURCE_ATTR = "weatherpeft_source"
 
 class DataError(ValueError):
     """A store cannot be read or does not hold what a sample needs; the message names the
-    file, the variable and the time/level index where there is one."""
+    file, the variable and where: coordinate values (time, level in hPa, latitude and
+    longitude in degrees) with their indices (see :func:`describe_point`)."""
 
 
 def _source(ds: xr.Dataset) -> str:
@@ -162,8 +165,8 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
 
     ``names`` adds to (and overrides) :data:`STORE_NAMES`. Nothing is read but metadata and
     coordinates; see :func:`canonicalise` for what is changed. fsspec URLs (with
-    ``storage_options``), WeatherBench (1) directories and ENS-10-style ensemble netCDF are
-    opened by :mod:`weatherpeft.data.readers`.
+    ``storage_options``), WeatherBench (1) directories, ENS-10-style ensemble netCDF and
+    GRIB files are opened by :mod:`weatherpeft.data.readers`.
     """
     from weatherpeft.data import readers  # imports this module: resolved at call time
 
@@ -181,7 +184,7 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     else:
         if not _looks_like_netcdf(path):
             raise DataError(f"cannot open {path}: unsupported format (expected a zarr "
-                            "directory or a netCDF file)")
+                            "directory, a netCDF or a GRIB file)")
         ds = _open_netcdf(path)
     if not ds.data_vars:
         raise DataError(f"cannot read {path}: it holds no data variables")
@@ -286,7 +289,43 @@ def _sorted_ascending(ds: xr.Dataset, dim: str) -> xr.Dataset:
 
 
 def _format_coordinate(value) -> str:
-    return str(pd.Timestamp(value)) if isinstance(value, (np.datetime64, pd.Timestamp)) else f"{value:g}"
+    if isinstance(value, (np.datetime64, pd.Timestamp)):
+        return str(pd.Timestamp(value))
+    if isinstance(value, np.timedelta64):
+        return str(pd.Timedelta(value))
+    return f"{value:g}" if isinstance(value, (int, float, np.number)) else str(value)
+
+
+#: How messages name a coordinate and an index along each dimension. Rows count from the
+#: north (latitude decreasing, as in a sample: for ERA5 and GRIB files, the file's own rows).
+_POINT_NAMES = {"time": ("time", "store time index"), "prediction_timedelta": ("lead", "lead index"),
+                "number": ("member", "member index"), "level": ("level", "level index"),
+                "latitude": ("latitude", "row"), "longitude": ("longitude", "column")}
+
+
+def describe_point(coords: Mapping[str, np.ndarray], where: Mapping[str, int]) -> str:
+    """A point's coordinate values and indices, for messages, e.g. ``time 2003-01-04 06:00:00
+    (store time index 13), level 850 hPa (level index 1), latitude -87.1875 (row 31),
+    longitude 354.375 (column 63)``. ``coords[dim][where[dim]]`` is the value along ``dim``."""
+    order = list(_POINT_NAMES)
+    parts = []
+    for dim in sorted(where, key=lambda d: order.index(d) if d in order else len(order)):
+        name, index_name = _POINT_NAMES.get(dim, (dim, f"{dim} index"))
+        unit = " hPa" if dim == "level" else ""
+        parts.append(f"{name} {_format_coordinate(coords[dim][where[dim]])}{unit} "
+                     f"({index_name} {where[dim]})")
+    return ", ".join(parts)
+
+
+def describe_index(array: xr.DataArray, where: Sequence[int]) -> str:
+    """:func:`describe_point` for index ``where`` into a canonical ``array`` (latitude
+    ascending); its row is counted from the north, as in samples."""
+    coords = {str(dim): array[dim].values for dim in array.dims}
+    at = {str(dim): int(i) for dim, i in zip(array.dims, where)}
+    if "latitude" in at:
+        coords["latitude"] = coords["latitude"][::-1]
+        at["latitude"] = array.sizes["latitude"] - 1 - at["latitude"]
+    return describe_point(coords, at)
 
 
 def _check_monotonic(steps: np.ndarray, dim: str, values: np.ndarray, source: str) -> None:
@@ -465,10 +504,6 @@ class StoreSelection:
         """Surface and atmospheric variables together (canonical → Aurora)."""
         return {**self.surf, **self.atmos}
 
-    def timestamp(self, position: int) -> str:
-        """The store time at ``position`` as ISO text, for messages."""
-        return str(pd.Timestamp(self.times[position]))
-
 
 def _resolve_variable(ds: xr.Dataset, name: str, kind: str, spec: SampleSpec, source: str) -> str:
     table = {**STORE_NAMES, **spec.names}
@@ -617,7 +652,7 @@ def _describe_times(ds: xr.Dataset, positions: np.ndarray) -> str:
     first, last = int(positions.min()), int(positions.max())
     start, end = (pd.Timestamp(ds["time"].values[p]) for p in (first, last))
     if first == last:
-        return f"time {start} (store time index {first})"
+        return describe_point({"time": ds["time"].values}, {"time": first})
     return f"times {start} – {end} (store time indices {first}–{last})"
 
 
@@ -665,10 +700,9 @@ def check_finite(values: np.ndarray, name: str, positions: np.ndarray,
     if found is None:
         return
     where, what = found
-    position = int(positions[where[0]])
     level = f" at level {selection.levels[where[1]]} hPa" if values.ndim == 4 else ""
-    raise DataError(f"{what} in variable '{name}'{level} at time {selection.timestamp(position)} "
-                    f"(store time index {position}), {_grid_point(selection, where[-2:])}, in {source}")
+    point = _grid_point(selection, where[-2:], time=int(positions[where[0]]))
+    raise DataError(f"{what} in variable '{name}'{level} at {point}, in {source}")
 
 
 def check_static(values: np.ndarray, name: str, selection: StoreSelection, source: str) -> None:
@@ -680,9 +714,11 @@ def check_static(values: np.ndarray, name: str, selection: StoreSelection, sourc
                         f"in {source}")
 
 
-def _grid_point(selection: StoreSelection, where: tuple[int, ...]) -> str:
-    row, column = where
-    return f"latitude {selection.lat[row]:g}, longitude {selection.lon[column]:g}"
+def _grid_point(selection: StoreSelection, where: tuple[int, ...], time: int | None = None) -> str:
+    """A point of a sample's grid (latitude decreasing), at store time index ``time`` if given."""
+    coords = {"time": selection.times, "latitude": selection.lat, "longitude": selection.lon}
+    at = {"latitude": where[0], "longitude": where[1], **({} if time is None else {"time": time})}
+    return describe_point(coords, at)
 
 
 def _bytes_per_step(selection: StoreSelection) -> int:
