@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c $(LOCK) $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test,simulate]'
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test,simulate,grib]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +31,7 @@ lock:
 	rm -rf build/lock-venv
 	$(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/pip install --quiet $(TORCH_SPEC)
-	build/lock-venv/bin/pip install --quiet '.[test,simulate]'
+	build/lock-venv/bin/pip install --quiet '.[test,simulate,grib]'
 	{ sed -n '/^#/p' $(LOCK); build/lock-venv/bin/pip freeze --exclude weatherpeft; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf build/lock-venv
