@@ -356,3 +356,24 @@ def test_aurora_tiny_trains_the_direct_heads_in_one_pass(direct, tmp_path):
     assert all(math.isfinite(v) for v in scores.values())
     prediction, truth = direct.sample_prediction(adaptation, "test", 0)
     assert prediction.surf_vars["tp"].shape == truth.surf_vars["tp"].shape == (1, 1, 16, 20)
+
+
+def test_residual_heads_add_their_change_to_persistence(pretrained_stats):
+    residual = PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats,
+                                 head_form="residual")
+    location = residual.stats.locations["tp"]
+
+    class NoChange(torch.nn.Module):
+        """Every head outputs tp's location: a change of zero."""
+
+        def forward(self, batch: Batch) -> Batch:
+            surf = {head: torch.full_like(batch.surf_vars[head][:, -1:], location)
+                    for head in residual.heads.values()}
+            return dataclasses.replace(batch, surf_vars=surf, atmos_vars={})
+
+    scores = residual.evaluate(NoChange(), residual.dataloader("test", 4))
+    for lead in LEADS:
+        assert scores[f"model/seeps/tp/{lead}"] == pytest.approx(scores[f"persistence/seeps/tp/{lead}"])
+        assert scores[f"model/rmse/tp/{lead}"] == pytest.approx(scores[f"persistence/rmse/tp/{lead}"])
+    with pytest.raises(ValueError, match="head_form must be one of"):
+        PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats, head_form="delta")

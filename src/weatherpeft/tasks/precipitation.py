@@ -122,6 +122,8 @@ SOURCES = ("model", "persistence", "climatology")
 PRECIPITATION = "tp"
 #: How the leads are predicted: one pass with a head per lead (default), or a 6-h roll-out.
 DESIGNS = ("direct", "rollout")
+#: What a direct head's output is: the total itself, or its change from persistence.
+HEAD_FORMS = ("absolute", "residual")
 #: The loss on precipitation each ``tp_loss`` names.
 TP_LOSSES = ("l1", "log", "mse")
 _MM_PER_M = 1000.0
@@ -278,6 +280,7 @@ class PrecipitationTask(Task):
                  stats: NormalisationStats | None = None, *,
                  region: Sequence[float] | None = DEFAULT_REGION,
                  design: str = "direct",
+                 head_form: str = "absolute",
                  lead_hours: Sequence[float] = (12, 24, 36),
                  train_steps: int | None = None,
                  variable_weights: Mapping[str, float] | None = None,
@@ -312,6 +315,9 @@ class PrecipitationTask(Task):
         if train_steps < 1:
             raise ValueError(f"train_steps must be at least 1, got {train_steps}")
         self.design = design
+        if head_form not in HEAD_FORMS:
+            raise ValueError(f"head_form must be one of {list(HEAD_FORMS)}, got {head_form!r}")
+        self.head_form = head_form
         if timestep is None:
             timestep = timedelta(hours=12 if direct else 6)
         self.timestep = pd.Timedelta(timestep).to_pytimedelta()
@@ -451,7 +457,7 @@ class PrecipitationTask(Task):
         the truth holds; the mean of :meth:`loss` over them."""
         inputs, truth = batch
         if self.heads:
-            return self.loss(model(inputs), truth)
+            return self.loss(self._head_totals(model(inputs), inputs), truth)
         steps = _first_dynamic(truth).shape[1]
         total = 0.0
         for step, prediction in enumerate(self.rollout(model, inputs, steps)):
@@ -525,13 +531,24 @@ class PrecipitationTask(Task):
         """(step, forecast tp (B, H, W) in store units) for each lead step in ``steps``: from
         the heads of one pass (direct) or a roll-out to the longest (roll-out design)."""
         if self.heads:
-            prediction = model(inputs)
+            prediction = self._head_totals(model(inputs), inputs)
             for step in steps:
                 yield step, prediction.surf_vars[self.heads[step]][:, -1]
             return
         for step, prediction in enumerate(self.rollout(model, inputs, max(steps)), start=1):
             if step in steps:
                 yield step, prediction.surf_vars[PRECIPITATION][:, -1]
+
+    def _head_totals(self, prediction: Batch, inputs: Batch) -> Batch:
+        """The heads as totals: as predicted (``absolute``), or persistence plus the head's
+        normalised output times tp's scale (``residual``: the head predicts the change)."""
+        if self.head_form == "absolute":
+            return prediction
+        now = self.observed_now(inputs)[:, None].to(_first_dynamic(prediction).device)
+        location = self.stats.locations[PRECIPITATION]
+        surf = dict(prediction.surf_vars)
+        surf.update({head: now + (surf[head] - location) for head in self.heads.values()})
+        return dataclasses.replace(prediction, surf_vars=surf)
 
     def observed_now(self, inputs: Batch) -> torch.Tensor:
         """The last observed 6-h total of an input batch (B, H, W), store units: persistence."""
