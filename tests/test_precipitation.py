@@ -49,7 +49,9 @@ def task(pretrained_stats):
 
 @pytest.fixture(scope="module")
 def direct(pretrained_stats):
-    return PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats)
+    """The direct design with absolute heads (the authors' form; the oracles predict totals)."""
+    return PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats,
+                             head_form="absolute")
 
 
 @pytest.fixture(scope="module")
@@ -359,8 +361,8 @@ def test_aurora_tiny_trains_the_direct_heads_in_one_pass(direct, tmp_path):
 
 
 def test_residual_heads_add_their_change_to_persistence(pretrained_stats):
-    residual = PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats,
-                                 head_form="residual")
+    residual = PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats)
+    assert (residual.design, residual.head_form, residual.tp_loss) == ("direct", "residual", "l1")
     location = residual.stats.locations["tp"]
 
     class NoChange(torch.nn.Module):
