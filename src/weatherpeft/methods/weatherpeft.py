@@ -202,9 +202,7 @@ def apply_weatherpeft(backbone: Backbone, budget: float, options: WeatherPEFTOpt
     tadp_count = tadp_parameter_count(backbone, len(variables), config)
     attach_sfas(adaptation, entries - tadp_count, options.sfas_config())
     adaptation.resolved.update(tadp=_resolved(config), tadp_parameters=tadp_count,
-                               sfas_entries=entries - tadp_count)
-    return adaptation
-    adaptation.resolved.update(sizing="split")
+                               sfas_entries=entries - tadp_count, sizing="split")
     return adaptation
 
 
