@@ -211,7 +211,7 @@ def test_paper_sizing_keeps_the_whole_budget_for_sfas_and_adds_tadp_on_top():
     (sfas,) = paper.masked_updates
     assert sfas.per_step_entries == entries == paper.resolved["sfas_entries"]
     tadp = paper.resolved["tadp_parameters"]
-    assert paper.resolved["tadp"] == {"prompt_length": 20, "sharing": "block", "width_map": "linear"}
+    assert paper.resolved["tadp"] == {"prompt_length": 20, "sharing": "block", "width_map": "interpolate"}
     assert paper.report().trainable == entries + tadp > 1.1 * entries  # the report states the total
     assert f"{entries + tadp:,} trainable" in paper.resolved["over_budget"]
     assert split.report().trainable == entries and split.resolved["sizing"] == "split"
@@ -228,6 +228,21 @@ def test_paper_sizing_keeps_the_whole_budget_for_sfas_and_adds_tadp_on_top():
     with pytest.raises(BudgetError, match="only .* are selectable"):
         apply_method("weatherpeft", load_pretrained_tiny(), 0.5,
                      {"sizing": "paper", "include": ["backbone.encoder_layers.0"]})
+
+
+def test_interpolated_width_maps_have_no_parameters_and_fit_every_site():
+    from weatherpeft.methods.tadp import TADP, TADPConfig, tadp_parameter_count
+    from weatherpeft.methods.prompts import site_width
+
+    backbone = load_pretrained_tiny()
+    variables = backbone.embedding_variables
+    config = TADPConfig(prompt_length=5, width_map="interpolate")
+    tadp = TADP(backbone, variables, config)
+    assert sum(p.numel() for p in tadp.parameters()) == tadp_parameter_count(backbone, len(variables), config)
+    assert not any(p.numel() for p in tadp.projections.parameters()) and len(tadp.projections)
+    widths = {name: site_width(name, module) for name, module in backbone.prompt_sites()}
+    assert {site: tuple(p.shape) for site, p in tadp.prompts().items()} == \
+        {site: (5, width) for site, width in widths.items()}
 
 
 def test_authors_noise_ranks_by_gradient_magnitude_times_uniform_noise():

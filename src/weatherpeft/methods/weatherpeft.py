@@ -13,8 +13,8 @@ is infeasible and :class:`~weatherpeft.methods.base.BudgetError` names the small
 that works. TADP is never shrunk below ``min_prompt_length`` prompts to fit.
 
 ``sizing="paper"`` (the authors'): SFAS keeps k = B and TADP is added on top, unsized: one
-generator per block (unless ``sharing`` says otherwise), full-rank width maps (unless
-``width_map`` says otherwise) and ``prompt_length`` prompts — the authors used 30 for
+generator per block (unless ``sharing`` says otherwise), parameter-free width maps as the
+authors' (``"interpolate"``, unless ``width_map`` says otherwise) and ``prompt_length`` prompts — the authors used 30 for
 downscaling, 5 for post-processing and 20 for precipitation (:data:`PAPER_PROMPT_LENGTHS`;
 ``weatherpeft finetune`` and the benchmark fill it in for the task). WeatherPEFT then trains
 and stores more than the budget; the report and ``resolved["over_budget"]`` say by how much.
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (Adaptation, BudgetError, budget_entries, register_method)
 from weatherpeft.methods.sfas import SFASConfig, attach_sfas, selectable_parameters
-from weatherpeft.methods.tadp import (SHARING_MODES, TADP, WIDTH_MAPS, TADPConfig, fit_tadp_config,
-                                      tadp_parameter_count)
+from weatherpeft.methods.tadp import (SHARING_MODES, SIZED_WIDTH_MAPS, TADP, WIDTH_MAPS, TADPConfig,
+                                      fit_tadp_config, tadp_parameter_count)
 
 __all__ = ["PAPER_PROMPT_LENGTHS", "SIZINGS", "TADPOptions", "WeatherPEFTOptions", "apply_tadp",
            "apply_weatherpeft", "size_tadp", "with_paper_prompt_length"]
@@ -55,8 +55,9 @@ def with_paper_prompt_length(method: str, options: dict, task: str) -> dict:
 class TADPOptions:
     """TADP options. ``prompt_length``: the longest prompt (authors: 30); ``min_prompt_length``:
     the shortest sizing may choose; ``sharing``: auto | block | stage | all; ``width_map``:
-    auto | linear | lowrank; bottlenecks as the authors'; ``variables``: the task's variable
-    set (default: every variable the backbone embeds)."""
+    auto | linear | lowrank | interpolate (parameter-free, never chosen by "auto"); bottlenecks
+    as the authors'; ``variables``: the task's variable set (default: every variable the
+    backbone embeds)."""
 
     prompt_length: int = 30
     min_prompt_length: int = 8
@@ -85,7 +86,7 @@ class TADPOptions:
     def candidates(self) -> list[TADPConfig]:
         """Configurations to try, finest sharing and fullest width map first."""
         sharings = SHARING_MODES if self.sharing == "auto" else (self.sharing,)
-        maps = WIDTH_MAPS if self.width_map == "auto" else (self.width_map,)
+        maps = SIZED_WIDTH_MAPS if self.width_map == "auto" else (self.width_map,)
         return [TADPConfig(prompt_length=self.prompt_length, sharing=sharing, width_map=width_map,
                            s_bottleneck=self.s_bottleneck, v_ratio=self.v_ratio,
                            d_bottleneck=self.d_bottleneck)
@@ -218,7 +219,7 @@ def _weatherpeft_paper(backbone: Backbone, budget: float, options: WeatherPEFTOp
     variables = _variables(backbone, options)
     base = options.candidates()[0]
     config = dataclasses.replace(base, sharing="block" if options.sharing == "auto" else base.sharing,
-                                 width_map="linear" if options.width_map == "auto" else base.width_map)
+                                 width_map="interpolate" if options.width_map == "auto" else base.width_map)
     adaptation = Adaptation(backbone, "weatherpeft", budget, dataclasses.asdict(options))
     _attach_tadp(adaptation, variables, config)
     tadp_count = tadp_parameter_count(backbone, len(variables), config)
