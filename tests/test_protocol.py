@@ -268,3 +268,24 @@ def test_authors_noise_ranks_by_gradient_magnitude_times_uniform_noise():
     assert not torch.equal(chosen, pure)
     with pytest.raises(ValueError, match="noise must be one of"):
         SFASConfig(noise="authorz")
+
+
+def test_cli_and_yaml_take_the_protocol(tmp_path, capsys):
+    from weatherpeft.cli import build_parser, main
+    from weatherpeft.config import build_config
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--encoder-decoder {frozen,train}" in text and "'train': the paper's protocol" in text
+    assert "--encoder-decoder-lr" in text
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("encoder_decoder: train\nencoder_decoder_lr: 0.0005\nmethod: lora\n")
+    args = build_parser().parse_args(["finetune", "--config", str(yaml)])
+    config = build_config(FinetuneConfig, args, shared_keys=("steps",))
+    assert (config.encoder_decoder, config.encoder_decoder_lr) == ("train", 5e-4)
+    yaml.write_text("encoder_decoder: thawed\n")
+    with pytest.raises(ValueError, match="encoder_decoder must be one of"):
+        build_config(FinetuneConfig, build_parser().parse_args(["finetune", "--config", str(yaml)]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["benchmark", "--encoder-decoder", "frozen", "thawed"])
