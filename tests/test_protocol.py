@@ -11,7 +11,7 @@ import torch
 
 from conftest import load_pretrained_tiny
 from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, _record_digest, adapter_tensors,
-                                  load_adapter, save_adapter)
+                                  load_adapter, load_merged, save_adapter, save_merged)
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.finetune import FinetuneConfig
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
@@ -153,6 +153,9 @@ def test_adapter_round_trip_under_train_is_exact_and_old_files_load_as_frozen(
     expected, got = outputs(adaptation, builtin_batches[0]), outputs(loaded, builtin_batches[0])
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    merged = load_merged(save_merged(loaded, tmp_path / "merged"))  # the trained coder folded in
+    deployed = outputs(merged, builtin_batches[0])
+    assert all(torch.equal(expected[k], deployed[k]) for k in expected)
 
     # A file written before protocols existed (no "encoder_decoder" field) loads as "frozen".
     old = apply_method("lora", load_pretrained_tiny(), 0.003)
