@@ -5,7 +5,8 @@ An adapter is a folder with two files:
 - ``adapter.safetensors``: ``added.<name>`` (parameters the method created: TADP generators,
   LoRA matrices, prompts), ``dense.<name>`` (pretrained tensors trained whole),
   ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices, int32 where they fit,
-  and trained values of the entries a masked update changed — never dense tensors), ``head.<name>`` (task head),
+  and trained values of the entries a masked update changed — never dense tensors),
+  ``head.<name>`` (task head),
   ``encoder_decoder.<name>`` (the encoder/decoder, trained whole under the "train" protocol);
 - ``adapter.json``: format, weatherpeft version, method, options, budget, the
   ``encoder_decoder`` protocol (files without it were written under "frozen"), parameter report,

@@ -233,8 +233,8 @@ def _blank_record(run: Run, out: str | Path) -> dict[str, Any]:
     return {**run.settings(), "encoder_decoder": run.encoder_decoder, "settings": run.settings(),
             "run_dir": str(Path(out) / "runs" / run.name),
             "error": None, "crashed": False, "trainable": None, "stored": None, "head": None,
-            "encoder_decoder_parameters": None, "pretrained": None, "adapter_bytes": None, "metrics": {}, "train_seconds": None,
-            "step_seconds": None, "peak_memory_bytes": None}
+            "encoder_decoder_parameters": None, "pretrained": None, "adapter_bytes": None,
+            "metrics": {}, "train_seconds": None, "step_seconds": None, "peak_memory_bytes": None}
 
 
 def failed_record(run: Run, out: str | Path, error: BaseException | str) -> dict[str, Any]:

@@ -309,8 +309,9 @@ def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str,
             lines += _task_table(task, groups, coder_only.get((task, "frozen", None)), protocol)
         checked = claims(groups)
         if checked:
-            lines += [f"## The paper's claims on this data{'' if protocol == 'frozen' else ' (encoder/decoder train)'}",
-                      "", "| claim | measured | verdict |", "|---|---|---|"]
+            which = "" if protocol == "frozen" else f" (encoder/decoder {protocol})"
+            lines += [f"## The paper's claims on this data{which}", "",
+                      "| claim | measured | verdict |", "|---|---|---|"]
             lines += [f"| {c} | {m} | {v} |" for c, m, v in checked] + [""]
     lines += _cost_table(records)
     return "\n".join(lines)

@@ -20,8 +20,8 @@ Every parameter of an Adaptation has exactly one role, decided by identity:
 - frozen: everything else.
 
 Budgets are fractions of the backbone's pretrained parameter count (under "train", the
-encoder/decoder excluded: the paper's accounting, whose "Full-Tuning" count is Aurora's Swin). :class:`ParameterReport`
-says what a method trains per step (``trainable``) and what its adapter file must hold
+encoder/decoder excluded: the paper's accounting, whose "Full-Tuning" count is Aurora's Swin).
+:class:`ParameterReport` says what a method trains per step (``trainable``) and what its adapter file must hold
 (``stored``) — for SFAS the union of every entry that ever moved, not the per-step k.
 """
 

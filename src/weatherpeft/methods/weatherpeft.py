@@ -14,9 +14,10 @@ that works. TADP is never shrunk below ``min_prompt_length`` prompts to fit.
 
 ``sizing="paper"`` (the authors'): SFAS keeps k = B and TADP is added on top, unsized: one
 generator per block (unless ``sharing`` says otherwise), parameter-free width maps as the
-authors' (``"interpolate"``, unless ``width_map`` says otherwise) and ``prompt_length`` prompts — the authors used 30 for
-downscaling, 5 for post-processing and 20 for precipitation (:data:`PAPER_PROMPT_LENGTHS`;
-``weatherpeft finetune`` and the benchmark fill it in for the task). WeatherPEFT then trains
+authors' (``"interpolate"``, unless ``width_map`` says otherwise) and ``prompt_length``
+prompts — the authors used 30 for downscaling, 5 for post-processing and 20 for
+precipitation (:data:`PAPER_PROMPT_LENGTHS`; ``weatherpeft finetune`` and the benchmark fill
+it in for the task). WeatherPEFT then trains
 and stores more than the budget; the report and ``resolved["over_budget"]`` say by how much.
 """
 
