@@ -21,8 +21,9 @@ Every parameter of an Adaptation has exactly one role, decided by identity:
 
 Budgets are fractions of the backbone's pretrained parameter count (under "train", the
 encoder/decoder excluded: the paper's accounting, whose "Full-Tuning" count is Aurora's Swin).
-:class:`ParameterReport` says what a method trains per step (``trainable``) and what its adapter file must hold
-(``stored``) — for SFAS the union of every entry that ever moved, not the per-step k.
+:class:`ParameterReport` says what a method trains per step (``trainable``) and what its
+adapter file must hold (``stored``) — for SFAS the union of every entry that ever moved, not
+the per-step k.
 """
 
 from __future__ import annotations

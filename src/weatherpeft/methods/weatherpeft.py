@@ -3,9 +3,9 @@
 Also registers ``tadp`` alone (the paper's ablation; ``sfas`` alone lives in
 :mod:`weatherpeft.methods.sfas`).
 
-Sizing (``sizing="split"``, the default). The budget B (entries) is split: TADP takes at most
-``tadp_share``·B, SFAS selects the rest. TADP is sized by :func:`size_tadp`: with ``sharing="auto"`` and
-``width_map="auto"`` it tries, finest first, (block, linear), (block, lowrank), (stage,
+Sizing (``sizing="split"``, the default). The budget B (entries) is split: TADP takes at
+most ``tadp_share``·B, SFAS selects the rest. TADP is sized by :func:`size_tadp`: with
+``sharing="auto"`` and ``width_map="auto"`` it tries, finest first, (block, linear), (block, lowrank), (stage,
 linear), (stage, lowrank), (all, linear), (all, lowrank), each with the longest prompt in
 [min_prompt_length, prompt_length] that fits. If even the smallest TADP exceeds its share,
 it takes what it needs as long as SFAS keeps ``min_sfas_share`` of B; otherwise the budget
