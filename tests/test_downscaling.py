@@ -1,4 +1,8 @@
-"""The downscaling task: coarse inputs, bilinear interpolation, lead 0, loss weights, metrics."""
+"""The downscaling task: coarse inputs, bilinear interpolation, lead 0, loss weights, metrics.
+
+Most tests use the ×2 form (``coarse_factor=2``, the first form, kept as an option); the
+default ×4 (the paper's factor) has its own tests.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def task(backbone):
+    return DownscalingTask(store_path("downstream"), PERIODS, backbone.stats, coarse_factor=2)
+
+
+@pytest.fixture(scope="module")
+def task_x4(backbone):
     return DownscalingTask(store_path("downstream"), PERIODS, backbone.stats)
 
 
@@ -158,6 +167,41 @@ def test_the_input_is_really_coarse_block_means_interpolated_to_the_fine_grid(ta
     np.testing.assert_allclose(coarse.atmos_vars["t"].numpy(), via_grids, rtol=1e-6)
 
 
+def test_the_default_is_the_papers_factor_4_from_22_5_degree_block_means(task_x4):
+    pairs = task_x4.datasets()["train"]
+    assert task_x4.coarse_factor == 4 and pairs.coarse_factor == 4
+    reference = equiangular_grid(16, 8)  # 22.5°
+    np.testing.assert_allclose(pairs.coarse_lat, reference.lat[::-1])
+    np.testing.assert_allclose(pairs.coarse_lon, reference.lon + 22.5 / 2 - 5.625 / 2)
+    inputs, target = pairs[1]
+    fine_window, _ = pairs.fine[1]
+    coarse = pairs.coarse_sample(1)
+    assert coarse.surf_vars["2t"].shape == (1, 2, 8, 16)
+    assert inputs.surf_vars["2t"].shape == target.surf_vars["2t"].shape[:1] + (2, 32, 64)
+    fine = fine_window.surf_vars["2t"].double().numpy()
+    weights = np.cos(np.radians(fine_window.metadata.lat.double().numpy()))[:, None] * np.ones(64)
+    blocks = lambda a: a.reshape(*a.shape[:-2], 8, 4, 16, 4).sum(axis=(-3, -1))  # noqa: E731
+    expected = blocks(fine * weights) / blocks(weights)
+    np.testing.assert_allclose(coarse.surf_vars["2t"].double().numpy(), expected, rtol=1e-5)
+    assert torch.allclose(inputs.surf_vars["2t"], pairs.interpolator(coarse.surf_vars["2t"]))
+    # Coarser input, larger bilinear error than the ×2 form on the same times.
+    x2 = DownscalingTask(store_path("downstream"), PERIODS, task_x4.stats, coarse_factor=2)
+    loader = [collate_batches([pairs[i] for i in range(len(pairs))])]
+    identity = torch.nn.Identity()
+    x2_loader = [collate_batches([x2.datasets()["train"][i] for i in range(len(pairs))])]
+    scores_x4 = task_x4.evaluate(identity, loader)
+    scores_x2 = x2.evaluate(identity, x2_loader)
+    assert scores_x4["bilinear/rmse/2t"] > scores_x2["bilinear/rmse/2t"] > 0
+
+
+def test_the_task_registry_names_both_forms(backbone):
+    from weatherpeft.tasks import TASKS, build_task
+
+    assert {"downscaling", "downscaling-x2"} <= set(TASKS)
+    assert build_task("downscaling-x2", backbone.stats).coarse_factor == 2
+    assert build_task("downscaling", backbone.stats).coarse_factor == 4
+
+
 def test_static_fields_stay_at_the_fine_resolution(task):
     inputs, target = task.datasets()["val"][0]
     ds = open_store(store_path("downstream"))
@@ -188,7 +232,7 @@ def test_a_coarse_store_gives_the_same_inputs_as_coarsening():
          for n in dynamic},
         coords={"time": world.time, "level": world.level,
                 "longitude": lon.reshape(-1, 2).mean(1), "latitude": lat.reshape(-1, 2).mean(1)})
-    derived = DownscalingTask(world, periods)
+    derived = DownscalingTask(world, periods, coarse_factor=2)
     read = DownscalingTask(world, periods, coarse_store=coarse)
     for index in (0, 2):
         a, target_a = derived.datasets()["test"][index]
@@ -199,6 +243,8 @@ def test_a_coarse_store_gives_the_same_inputs_as_coarsening():
         assert torch.equal(target_a.surf_vars["2t"], target_b.surf_vars["2t"])
     with pytest.raises(ValueError, match="coarsening factor 3"):
         DownscalingTask(world, periods, coarse_factor=3)
+    with pytest.raises(ValueError, match="coarsening factor 64"):
+        DownscalingTask(world, periods, coarse_factor=64)
     with pytest.raises(ValueError, match="missing \\['test'\\]"):
         DownscalingTask(world, {k: periods[k] for k in ("train", "val")})
 

@@ -1,4 +1,8 @@
-"""The regional precipitation task: region, leads, the tp task head, the loss, SEEPS/ACC/RMSE."""
+"""The regional precipitation task: region, leads, the tp task head, the loss, SEEPS/ACC/RMSE.
+
+Most tests use the roll-out design (the first form, kept as an option); the direct design
+(the default: a head per lead, one pass, L1) has its own tests at the end.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,20 @@ from weatherpeft.data.builtin import store_path
 from weatherpeft.data.wb2 import collate_batches, open_store
 from weatherpeft.methods.base import apply_method
 from weatherpeft.metrics import acc, rmse, seeps
-from weatherpeft.tasks.precipitation import DEFAULT_REGION, PrecipitationTask, signed_log
+from weatherpeft.tasks.precipitation import (
+    DEFAULT_REGION,
+    PrecipitationTask,
+    lead_head,
+    signed_log,
+)
 from weatherpeft.train import TrainConfig, Trainer
 
 PERIODS = {"train": ("2003-03-01", "2003-03-06T18"), "val": ("2003-03-07", "2003-03-08T18"),
            "test": ("2003-03-09", "2003-03-12T18")}
 LEADS = ("12h", "24h", "36h")
+#: The direct design's windows span 48 h (t − 12 h … t + 36 h): every split needs 2 days.
+DIRECT_PERIODS = {"train": ("2003-03-01", "2003-03-06T18"), "val": ("2003-03-07", "2003-03-09T18"),
+                  "test": ("2003-03-10", "2003-03-13T18")}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,14 @@ def pretrained_stats():
 
 @pytest.fixture(scope="module")
 def task(pretrained_stats):
-    return PrecipitationTask(store_path("regional"), PERIODS, pretrained_stats)
+    return PrecipitationTask(store_path("regional"), PERIODS, pretrained_stats, design="rollout")
+
+
+@pytest.fixture(scope="module")
+def direct(pretrained_stats):
+    """The direct design with absolute heads (the authors' form; the oracles predict totals)."""
+    return PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats,
+                             head_form="absolute")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +150,14 @@ def test_clear_errors_for_bad_regions_and_a_store_without_precipitation(pretrain
     with pytest.raises(ValueError, match="needs 'total_precipitation_6hr'"):
         PrecipitationTask(dry_world, PERIODS, pretrained_stats)
     with pytest.raises(ValueError, match="unknown variables \\['rain'\\]"):
-        PrecipitationTask(regional, PERIODS, pretrained_stats, variable_weights={"rain": 2})
+        PrecipitationTask(regional, PERIODS, pretrained_stats, design="rollout",
+                          variable_weights={"rain": 2})
+    with pytest.raises(ValueError, match="unknown precipitation design 'nowcast'"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, design="nowcast")
+    with pytest.raises(ValueError, match="belong to the roll-out design"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, train_steps=3)
+    with pytest.raises(ValueError, match="tp_loss must be one of"):
+        PrecipitationTask(regional, PERIODS, pretrained_stats, tp_loss="huber")
 
 
 # -- loss --------------------------------------------------------------------------------------
@@ -147,7 +173,7 @@ def test_loss_is_zero_when_perfect_and_weights_precipitation_up(task):
                                                  "2t": target.surf_vars["2t"] + task.stats.scales["2t"]})
     assert task.loss(off, target).item() == pytest.approx(1 / 14, rel=1e-4)
     # Precipitation alone with the linear loss: one σ off everywhere → exactly 1.
-    linear = PrecipitationTask(store_path("regional"), PERIODS, task.stats, tp_loss="mse",
+    linear = PrecipitationTask(store_path("regional"), PERIODS, task.stats, tp_loss="mse", design="rollout",
                                variable_weights={v: 0.0 for v in task.variables.surf_vars[:4]
                                                  + task.variables.atmos_vars})
     wet = dataclasses.replace(target, surf_vars={**target.surf_vars,
@@ -161,7 +187,7 @@ def test_the_log_loss_counts_a_dry_error_more_than_the_same_error_in_heavy_rain(
     metadata = task.datasets()["train"][0][1].metadata
     def batch(tp):
         return Batch(surf_vars={**surf, "tp": tp}, static_vars={}, atmos_vars={}, metadata=metadata)
-    only_tp = PrecipitationTask(store_path("regional"), PERIODS, task.stats, atmos_vars=(),
+    only_tp = PrecipitationTask(store_path("regional"), PERIODS, task.stats, atmos_vars=(), design="rollout",
                                 variable_weights={v: 0.0 for v in ("2t", "10u", "10v", "msl")})
     millimetre = 1e-3
     dry_error = only_tp.loss(batch(base + millimetre), batch(base)).item()
@@ -239,3 +265,117 @@ def test_default_periods_and_store_are_the_built_in_year():
     assert task.periods["test"] == ("2003-12-01T00:00:00", "2003-12-31T18:00:00")
     assert pd.Timestamp(task.periods["train"][1]).month == 9
     assert task.grid[0].shape == (20,)  # the whole store; aurora-tiny needs the default crop
+
+
+# -- the direct design (the default) -------------------------------------------------------------
+
+
+class DirectOracle(torch.nn.Module):
+    """Predicts every head's true total: the direct design's perfect model."""
+
+    def __init__(self, windows, heads):
+        super().__init__()
+        self.heads = heads
+        self.totals: dict[datetime, torch.Tensor] = {}
+        for index in range(len(windows)):
+            inputs, truth = windows[index]
+            for step, head in heads.items():
+                self.totals[inputs.metadata.time[0] + step * timedelta(hours=12)] = \
+                    truth.surf_vars["tp"][:, step - 1:step]
+
+    def forward(self, batch: Batch) -> Batch:
+        surf = {head: torch.cat([self.totals[t + step * timedelta(hours=12)]
+                                 for t in batch.metadata.time])
+                for step, head in self.heads.items()}
+        return dataclasses.replace(batch, surf_vars=surf, atmos_vars={})
+
+
+def test_direct_design_is_the_default_with_a_head_per_lead_and_twelve_hour_inputs(direct, region_tp):
+    assert direct.design == "direct" and direct.tp_loss == "l1"
+    assert direct.timestep == timedelta(hours=12) and direct.lead_steps == (1, 2, 3)
+    heads = ("tp_12h", "tp_24h", "tp_36h")
+    assert tuple(direct.heads.values()) == heads and lead_head(24) == "tp_24h"
+    assert direct.variables.new_surf_vars == heads
+    assert direct.variables.surf_vars == ("2t", "10u", "10v", "msl", *heads)
+    for head in heads:  # normalised as tp is
+        assert direct.stats.scales[head] == direct.stats.scales["tp"]
+        assert direct.stats.locations[head] == direct.stats.locations["tp"]
+    inputs, truth = direct.datasets()["train"][0]
+    start = inputs.metadata.time[0]
+    assert start == datetime(2003, 3, 1, 12)  # inputs at t − 12 h and t
+    assert "tp" not in inputs.surf_vars
+    expected = region_tp.sel(time=[start - timedelta(hours=12), start]).values
+    for head in heads:  # each head reads the observed tp history
+        assert inputs.surf_vars[head].shape == (1, 2, 16, 20)
+        np.testing.assert_allclose(inputs.surf_vars[head][0].numpy(), expected)
+    later = [start + timedelta(hours=h) for h in (12, 24, 36)]
+    assert truth.surf_vars["tp"].shape == (1, 3, 16, 20)
+    np.testing.assert_allclose(truth.surf_vars["tp"][0].numpy(), region_tp.sel(time=later).values)
+    assert len(direct.datasets()["test"]) == 16 - 9 + 1  # 6-hourly inits, windows of 9 times
+
+
+def test_direct_loss_is_the_mean_l1_of_the_heads_on_normalised_tp(direct):
+    windows = direct.datasets()["train"]
+    inputs, truth = collate_batches([windows[i] for i in range(2)])
+    oracle = DirectOracle(windows, direct.heads)
+    assert direct.training_loss(oracle, (inputs, truth)).item() == 0.0
+    perfect = oracle(inputs)
+    sigma = direct.stats.scales["tp"]
+    # One head off by 3 σ everywhere, the others perfect: the mean over 3 heads is 1.
+    off = dataclasses.replace(perfect, surf_vars={**perfect.surf_vars,
+                                                  "tp_24h": perfect.surf_vars["tp_24h"] - 3 * sigma})
+    assert direct.loss(off, truth).item() == pytest.approx(1.0, rel=1e-4)
+    # L1, not squared: half the error, half the loss.
+    half = dataclasses.replace(perfect, surf_vars={**perfect.surf_vars,
+                                                   "tp_24h": perfect.surf_vars["tp_24h"] + 1.5 * sigma})
+    assert direct.loss(half, truth).item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_direct_design_scores_each_head_against_its_lead(direct):
+    windows = direct.datasets()["test"]
+    scores = direct.evaluate(DirectOracle(windows, direct.heads), direct.dataloader("test", 4))
+    for lead in LEADS:
+        assert scores[f"model/seeps/tp/{lead}"] == 0.0 and scores[f"model/rmse/tp/{lead}"] == 0.0
+    inputs, truth = collate_batches([windows[i] for i in range(len(windows))])
+    persistence = inputs.surf_vars["tp_12h"][:, -1] * 1000
+    observed = truth.surf_vars["tp"][:, 2] * 1000  # 36 h = 3 steps of 12 h
+    assert scores["persistence/rmse/tp/36h"] == pytest.approx(
+        float(rmse(persistence, observed, inputs.metadata.lat)), rel=1e-5)
+    assert "climatology/seeps/tp/24h" in scores
+
+
+def test_aurora_tiny_trains_the_direct_heads_in_one_pass(direct, tmp_path):
+    backbone = load_pretrained_tiny(extra_surf_vars=direct.variables.new_surf_vars, stats=direct.stats)
+    adaptation = apply_method("frozen", backbone, 1.0)
+    trainable = {name for name, p in adaptation.named_parameters() if p.requires_grad}
+    assert trainable and all(".tp_" in name for name in trainable)
+    trainer = Trainer(adaptation, direct, TrainConfig(steps=2, batch_size=2, lr=1e-3, log_every=0,
+                                                      progress=False, out_dir=str(tmp_path)),
+                      hooks=adaptation.hooks, param_groups=adaptation.param_groups(0.05))
+    trainer.fit()
+    scores = trainer.evaluate(split="test", batch_size=8)
+    assert {f"model/seeps/tp/{lead}" for lead in LEADS} <= set(scores)
+    assert all(math.isfinite(v) for v in scores.values())
+    prediction, truth = direct.sample_prediction(adaptation, "test", 0)
+    assert prediction.surf_vars["tp"].shape == truth.surf_vars["tp"].shape == (1, 1, 16, 20)
+
+
+def test_residual_heads_add_their_change_to_persistence(pretrained_stats):
+    residual = PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats)
+    assert (residual.design, residual.head_form, residual.tp_loss) == ("direct", "residual", "l1")
+    location = residual.stats.locations["tp"]
+
+    class NoChange(torch.nn.Module):
+        """Every head outputs tp's location: a change of zero."""
+
+        def forward(self, batch: Batch) -> Batch:
+            surf = {head: torch.full_like(batch.surf_vars[head][:, -1:], location)
+                    for head in residual.heads.values()}
+            return dataclasses.replace(batch, surf_vars=surf, atmos_vars={})
+
+    scores = residual.evaluate(NoChange(), residual.dataloader("test", 4))
+    for lead in LEADS:
+        assert scores[f"model/seeps/tp/{lead}"] == pytest.approx(scores[f"persistence/seeps/tp/{lead}"])
+        assert scores[f"model/rmse/tp/{lead}"] == pytest.approx(scores[f"persistence/rmse/tp/{lead}"])
+    with pytest.raises(ValueError, match="head_form must be one of"):
+        PrecipitationTask(store_path("regional"), DIRECT_PERIODS, pretrained_stats, head_form="delta")

@@ -5,11 +5,14 @@ An adapter is a folder with two files:
 - ``adapter.safetensors``: ``added.<name>`` (parameters the method created: TADP generators,
   LoRA matrices, prompts), ``dense.<name>`` (pretrained tensors trained whole),
   ``sparse.<name>.indices`` / ``sparse.<name>.values`` (flat indices, int32 where they fit,
-  and trained values of the entries a masked update changed — never dense tensors), ``head.<name>`` (task head);
-- ``adapter.json``: format, weatherpeft version, method, options, budget, parameter report,
+  and trained values of the entries a masked update changed — never dense tensors),
+  ``head.<name>`` (task head),
+  ``encoder_decoder.<name>`` (the encoder/decoder, trained whole under the "train" protocol);
+- ``adapter.json``: format, weatherpeft version, method, options, budget, the
+  ``encoder_decoder`` protocol (files without it were written under "frozen"), parameter report,
   the backbone's config and fingerprint, the variable set, the tensor inventory, the
   sha256 of the tensor file and ``record_sha256``, the sha256 of the fields that rebuild the
-  model (method, options, budget, backbone, inventory, tensor checksum).
+  model (method, options, budget, protocol, backbone, inventory, tensor checksum).
 
 :func:`load_adapter` rebuilds the method on a fresh backbone (same options and budget, so the
 same modules) and writes the tensors in: outputs are reproduced exactly. It refuses a
@@ -42,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from aurora import Batch
 
 from weatherpeft.atomic import atomic_directory
-from weatherpeft.backbones.base import Backbone
+from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, Backbone
 from weatherpeft.methods.base import Adaptation, apply_method, check_budget
 from weatherpeft.methods.prompts import PromptInjector
 
@@ -57,7 +60,7 @@ TENSOR_FILE = "adapter.safetensors"
 MERGED_FORMAT = "weatherpeft.merged/1"
 MERGED_FILE = "merged.json"
 PROMPTS_FILE = "prompts.safetensors"
-_ROLES = ("added", "dense", "sparse", "head")
+_ROLES = ("added", "dense", "sparse", "head", "encoder_decoder")
 
 
 class AdapterError(ValueError):
@@ -71,6 +74,8 @@ _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "sha256": str, "report": dict, "variables": list, "weatherpeft_version": str}
 #: The keys that rebuild the model, which ``record_sha256`` covers.
 _REBUILD_KEYS = ("method", "options", "budget", "backbone", "tensors", "sha256")
+#: Rebuild keys added later: covered when present (older records lack them and stay valid).
+_LATER_REBUILD_KEYS = ("encoder_decoder",)
 
 
 def _version() -> str:
@@ -108,12 +113,15 @@ def adapter_tensors(adaptation: Adaptation) -> dict[str, torch.Tensor]:
             put(f"sparse.{name}.values", update.parameters[name].detach().reshape(-1)[indices])
     for name, parameter in adaptation.head_parameters().items():
         put(f"head.{name}", parameter)
+    for name, parameter in adaptation.encoder_decoder_parameters().items():
+        put(f"encoder_decoder.{name}", parameter)
     return tensors
 
 
 def _record_digest(config: Mapping[str, Any]) -> str:
     """sha256 of the keys that rebuild the model, as canonical JSON."""
-    record = json.dumps({key: config.get(key) for key in _REBUILD_KEYS}, sort_keys=True,
+    keys = _REBUILD_KEYS + tuple(key for key in _LATER_REBUILD_KEYS if key in config)
+    record = json.dumps({key: config.get(key) for key in keys}, sort_keys=True,
                         separators=(",", ":"))
     return hashlib.sha256(record.encode()).hexdigest()
 
@@ -138,6 +146,7 @@ def save_adapter(adaptation: Adaptation, path: str | os.PathLike,
         "method": adaptation.method,
         "options": adaptation.options,
         "budget": adaptation.budget,
+        "encoder_decoder": adaptation.encoder_decoder,
         "resolved": adaptation.resolved,
         "report": adaptation.report().as_dict(),
         "variables": list(backbone.embedding_variables),
@@ -203,6 +212,9 @@ def _check_record(config: Mapping[str, Any], config_path: Path) -> None:
         check_budget(config["budget"])
     except ValueError as error:
         fail(str(error))
+    if config.get("encoder_decoder", "frozen") not in ENCODER_DECODER_PROTOCOLS:
+        fail(f"'encoder_decoder' must be one of {list(ENCODER_DECODER_PROTOCOLS)}, got "
+             f"{json.dumps(config['encoder_decoder'])[:80]}")
     if "record_sha256" not in config:
         log.warning("%s has no record_sha256 (written before weatherpeft recorded one): edits to its "
                     "method, options or budget cannot be detected", config_path)
@@ -249,6 +261,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
         "path": str(path),
         "method": config["method"],
         "budget": config["budget"],
+        "encoder_decoder": config.get("encoder_decoder", "frozen"),
         "options": config["options"],
         "report": config["report"],
         "entries_by_role": roles,
@@ -304,7 +317,8 @@ def _assign_sparse(adaptation: Adaptation, given: Mapping[str, torch.Tensor]) ->
 
 
 def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = False) -> Adaptation:
-    """Rebuild the adapter's method on ``backbone`` and load its tensors (see module doc)."""
+    """Rebuild the adapter's method on ``backbone`` under its protocol (files without one:
+    "frozen") and load its tensors (see module doc)."""
     path = Path(path)
     config = read_adapter_config(path)
     saved, current = config["backbone"]["fingerprint"], backbone.fingerprint()
@@ -316,7 +330,8 @@ def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = Fals
         log.warning("%s; loading anyway (forced)", message)
     tensors = _read_tensors(path, config)
     try:
-        adaptation = apply_method(config["method"], backbone, config["budget"], config["options"])
+        adaptation = apply_method(config["method"], backbone, config["budget"], config["options"],
+                                  encoder_decoder=config.get("encoder_decoder", "frozen"))
     except ValueError as error:  # unknown method or option, a value or budget the method refuses
         raise AdapterError(f"{path / CONFIG_FILE} does not rebuild its method: {error}") from error
     parts = _split(tensors)
@@ -324,6 +339,7 @@ def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = Fals
         _assign(adaptation.added_parameters(), parts["added"], "added")
         _assign(adaptation.dense_parameters(), parts["dense"], "dense")
         _assign(adaptation.head_parameters(), parts["head"], "head")
+        _assign(adaptation.encoder_decoder_parameters(), parts["encoder_decoder"], "encoder_decoder")
         _assign_sparse(adaptation, parts["sparse"])
     adaptation.invalidate_prompts()
     return adaptation
@@ -345,6 +361,7 @@ def save_merged(adaptation: Adaptation, path: str | os.PathLike) -> Path:
                for i, t in enumerate(ts)}
     record = {"format": MERGED_FORMAT, "weatherpeft_version": _version(),
               "method": adaptation.method, "budget": adaptation.budget,
+              "encoder_decoder": adaptation.encoder_decoder,
               "options": adaptation.options, "resolved": adaptation.resolved,
               "report": adaptation.report().as_dict(),
               "base_fingerprint": adaptation.backbone.fingerprint(),

@@ -7,6 +7,10 @@ per method and budget, mean ± standard deviation over seeds. The best parameter
 method per column and budget is in bold. A cost table and a check of the paper's claims
 on this data follow, then ``quality_vs_stored.png``: each task's score against the
 parameters an adapter stores.
+
+Records are grouped by protocol (``encoder_decoder``; records without one are "frozen"): one
+set of tables, claims and plot per protocol benchmarked. Every table also shows the
+"encoder/decoder only" reference: the frozen method under "train".
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 from weatherpeft.atomic import atomic_write, write_text
 
-__all__ = ["aggregate", "benchmark_markdown", "claims", "save_quality_plot", "write_report"]
+__all__ = ["aggregate", "benchmark_markdown", "claims", "protocols", "save_quality_plot",
+           "write_report"]
 
 #: The paper's downscaling variables, in its column order (our channel names).
 DOWNSCALING_CHANNELS = ("2t", "10u", "10v", "t850", "z500")
@@ -28,16 +33,38 @@ REFERENCES = {"downscaling": {"bilinear": "bilinear interpolation"},
               "postprocessing": {"ensemble": "raw ensemble"},
               "precipitation": {"persistence": "persistence", "climatology": "climatology"}}
 NOT_PEFT = ("full", "frozen")
+#: How the report introduces each protocol's tables.
+PROTOCOL_TITLES = {
+    "frozen": "Protocol `encoder_decoder=frozen`: the encoder/decoder are pretrained weights "
+              "inside the budget (frozen unless a method trains them)",
+    "train": "Protocol `encoder_decoder=train` (the paper's): every method, frozen and full "
+             "included, also trains the encoder/decoder whole, outside the budget and the "
+             "stored counts (their size is given apart)"}
+#: The reference row of the encoder/decoder alone: the frozen method under "train".
+ENCODER_DECODER_ONLY = "encoder/decoder only"
+
+
+def _protocol(record: Mapping[str, Any]) -> str:
+    return record.get("encoder_decoder") or "frozen"
+
+
+def protocols(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Protocols with runs of their own, in record order (the encoder/decoder-only reference
+    alone does not make "train" one)."""
+    found = [_protocol(r) for r in records if _protocol(r) == "frozen" or r["method"] != "frozen"]
+    return list(dict.fromkeys(found or [_protocol(r) for r in records]))
 TITLES = {"downscaling": "Global downscaling: RMSE (lower is better)",
           "postprocessing": "Ensemble post-processing: CRPS (lower is better)",
           "precipitation": "Regional precipitation: SEEPS (lower is better) and ACC (higher is better)"}
 
 
-def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """(task, method, budget) → {"metrics": {key: (mean, std, n)}, "runs": [records]} over seeds."""
+def aggregate(records: Sequence[Mapping[str, Any]],
+              encoder_decoder: str = "frozen") -> dict[tuple, dict[str, Any]]:
+    """(task, method, budget) → {"metrics": {key: (mean, std, n)}, "runs": [records]} over seeds,
+    of the records under protocol ``encoder_decoder``."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
-        if not record.get("error"):
+        if not record.get("error") and _protocol(record) == encoder_decoder:
             groups.setdefault((record["task"], record["method"], record["budget"]), []).append(record)
     result = {}
     for key, runs in groups.items():
@@ -99,12 +126,16 @@ def _higher_is_better(suffix: str) -> bool:
     return suffix.startswith("acc/")
 
 
-def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
-    keys = _order(groups, task)
+def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]],
+                coder_only: Mapping[str, Any] | None = None, protocol: str = "frozen") -> list[str]:
+    """One task's table; ``coder_only``: the encoder/decoder-only group (frozen under "train"),
+    shown as a reference row (and not again as the frozen method's row under "train")."""
+    keys = [k for k in _order(groups, task) if not (protocol == "train" and k[1] == "frozen")]
     if not keys:
         return []
     columns = _columns(task, groups[keys[0]]["metrics"])
-    lines = [f"## {TITLES.get(task, task)}", "",
+    suffix_title = "" if protocol == "frozen" else f" — encoder/decoder {protocol}"
+    lines = [f"## {TITLES.get(task, task)}{suffix_title}", "",
              "| method | budget | stored (% of backbone) | " + " | ".join(h for h, _ in columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     reference_metrics = groups[keys[0]]["metrics"]
@@ -112,6 +143,11 @@ def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]]) -> list[st
         cells = [_cell(reference_metrics.get(f"{source}/{suffix}")) for _, suffix in columns]
         if any(c != "—" for c in cells):
             lines.append(f"| *{label}* | — | — | " + " | ".join(cells) + " |")
+    if coder_only is not None:
+        cells = [_cell(coder_only["metrics"].get(f"model/{suffix}")) for _, suffix in columns]
+        size = coder_only["runs"][0].get("encoder_decoder_parameters")
+        stored = "—" if size is None else f"{size:,} enc/dec"
+        lines.append(f"| *{ENCODER_DECODER_ONLY}* | — | {stored} | " + " | ".join(cells) + " |")
     best: dict[tuple, float] = {}
     for key in keys:
         if key[1] in NOT_PEFT:
@@ -129,6 +165,8 @@ def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]]) -> list[st
         run = group["runs"][0]
         stored = f"{run['stored']:,} ({run['stored'] / max(run['pretrained'], 1):.2%})" \
             if run.get("stored") is not None else "—"
+        if run.get("encoder_decoder_parameters"):
+            stored += f" + {run['encoder_decoder_parameters']:,} enc/dec"
         cells = []
         for _, suffix in columns:
             entry = group["metrics"].get(f"model/{suffix}")
@@ -145,21 +183,22 @@ def _cost_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
              "Train time and step time come from runs sharing the machine (see `workers`); the "
              "efficiency benchmark measures speed side by side. Peak memory is the run's process peak "
              "(resident set on CPU, allocated on CUDA).", "",
-             "| task | method | budget | seed | steps | trainable / step | stored | head | adapter KiB | "
-             "train s | s / step | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | method | budget | encoder/decoder | seed | steps | trainable / step | stored | head | "
+             "enc/dec trained | adapter KiB | train s | s / step | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("error"):
-            lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {r['seed']} | "
-                         f"— | — | — | — | — | — | — | {r['error'][:120]} |")
+            lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {_protocol(r)} | "
+                         f"{r['seed']} | — | — | — | — | — | — | — | — | {r['error'][:120]} |")
             continue
 
         def count(value: Any) -> str:
             return "—" if value is None else f"{value:,}"
 
         step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"
-        lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {r['seed']} | "
-                     f"{r['steps']} | {count(r['trainable'])} | {count(r['stored'])} | {count(r['head'])} | "
+        lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {_protocol(r)} | "
+                     f"{r['seed']} | {r['steps']} | {count(r['trainable'])} | {count(r['stored'])} | "
+                     f"{count(r['head'])} | {count(r.get('encoder_decoder_parameters'))} | "
                      f"{(r['adapter_bytes'] or 0) / 1024:,.0f} | {r['train_seconds']:.0f} | {step} | "
                      f"{(r['peak_memory_bytes'] or 0) / 2**20:,.0f} |")
     return lines + [""]
@@ -244,8 +283,8 @@ def claims(groups: Mapping[tuple, Mapping[str, Any]]) -> list[tuple[str, str, st
 
 
 def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any]) -> str:
-    """The whole report: set-up, one table per task, the paper's claims, the cost table."""
-    groups = aggregate(records)
+    """The whole report: set-up, then per protocol one table per task and the paper's claims,
+    then the cost table."""
     seeds = sorted({r["seed"] for r in records})
     lines = ["# Benchmark", "",
              f"Command: `{about.get('command', '')}`  ",
@@ -260,12 +299,20 @@ def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str,
                   "data order and seed; `lr` for entries of pretrained weights, `new_lr` for what a method "
                   "adds and task heads. " + "; ".join(f"{t}: {s} steps × batch {b}, lr {lr:g}, new_lr {nl:g}"
                                                      for t, s, b, lr, nl in protocol) + ".", ""]
-    for task in dict.fromkeys(r["task"] for r in records):
-        lines += _task_table(task, groups)
-    checked = claims(groups)
-    if checked:
-        lines += ["## The paper's claims on this data", "", "| claim | measured | verdict |", "|---|---|---|"]
-        lines += [f"| {c} | {m} | {v} |" for c, m, v in checked] + [""]
+    coder_only = aggregate(records, "train")
+    several = len(protocols(records)) > 1 or protocols(records) != ["frozen"]
+    for protocol in protocols(records):
+        groups = aggregate(records, protocol)
+        if several:
+            lines += [f"# {PROTOCOL_TITLES[protocol]}", ""]
+        for task in dict.fromkeys(r["task"] for r in records):
+            lines += _task_table(task, groups, coder_only.get((task, "frozen", None)), protocol)
+        checked = claims(groups)
+        if checked:
+            which = "" if protocol == "frozen" else f" (encoder/decoder {protocol})"
+            lines += [f"## The paper's claims on this data{which}", "",
+                      "| claim | measured | verdict |", "|---|---|---|"]
+            lines += [f"| {c} | {m} | {v} |" for c, m, v in checked] + [""]
     lines += _cost_table(records)
     return "\n".join(lines)
 
@@ -283,14 +330,16 @@ def _summary_score(task: str, metrics: Mapping[str, tuple]) -> float | None:
     return statistics.fmean(ratios) if ratios else None
 
 
-def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
-    """One panel per task: score against stored parameters (log), a line per method over budgets."""
+def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path,
+                      encoder_decoder: str = "frozen") -> Path | None:
+    """One panel per task: score against stored parameters (log), a line per method over budgets,
+    for the records under protocol ``encoder_decoder``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = aggregate(records)
+    groups = aggregate(records, encoder_decoder)
     tasks = list(dict.fromkeys(k[0] for k in groups))
     if not tasks:
         return None
@@ -338,7 +387,10 @@ def _save(figure, path: Path) -> Path:
 
 
 def write_report(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any], out: str | Path) -> None:
-    """``benchmark.md`` and ``quality_vs_stored.png`` into ``out``."""
+    """``benchmark.md`` and ``quality_vs_stored.png`` (``quality_vs_stored_encoder_decoder_train.png``
+    for the "train" protocol) into ``out``."""
     out = Path(out)
     write_text(out / "benchmark.md", benchmark_markdown(records, about))
-    save_quality_plot(records, out / "quality_vs_stored.png")
+    for protocol in protocols(records):
+        name = "quality_vs_stored" + ("" if protocol == "frozen" else f"_encoder_decoder_{protocol}")
+        save_quality_plot(records, out / f"{name}.png", protocol)

@@ -371,9 +371,15 @@ def cmd_adapter_merge(args) -> int:
 def cmd_methods(args) -> int:
     from weatherpeft.methods.base import describe_methods
 
-    rows = describe_methods(args.backbone, args.budget)
+    rows = describe_methods(args.backbone, args.budget, args.encoder_decoder)
+    print(f"encoder_decoder={args.encoder_decoder} (--encoder-decoder frozen|train; finetune and "
+          "benchmark take it too): 'frozen' keeps the encoder/decoder as pretrained weights inside "
+          "the budget; 'train' (the paper's protocol) trains them whole under every method, outside "
+          "the budget, counted apart\n")
     for row in rows:
-        size = (f"trains {row['trainable']:,} entries per step ({row['trainable_fraction']:.3%})"
+        size = (f"trains {row['trainable']:,} entries per step ({row['trainable_fraction']:.3%}), "
+                f"stores {row['stored']:,} ({row['stored_fraction']:.3%}) of {row['pretrained']:,}; "
+                f"head {row['head']:,}; encoder/decoder trained whole {row['encoder_decoder']:,}"
                 if "trainable" in row else f"cannot: {row['error']}")
         print(f"{row['name']:<14} {row['summary']}\n{'':<14} at budget {args.budget}: {size}")
         if row.get("resolved"):
@@ -494,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list methods, their options and size at a budget")
     methods.add_argument("--backbone", default="models/aurora-tiny")
     methods.add_argument("--budget", type=float, default=0.003)
+    methods.add_argument("--encoder-decoder", choices=("frozen", "train"), default="frozen",
+                         help="protocol: 'frozen' (default) keeps the backbone's encoder/decoder as "
+                              "pretrained weights inside the budget; 'train' (the paper's) trains "
+                              "them whole under every method, outside the budget, counted apart")
     methods.set_defaults(func=cmd_methods)
 
     from weatherpeft.demo import DemoConfig

@@ -4,7 +4,8 @@ Every field of a config dataclass becomes a ``--flag`` (underscores → dashes);
 given with ``--config`` sets fields first, then flags override it. A YAML file that does not
 parse, unknown keys and values of the wrong type (a non-integral or non-finite number, a list
 for a scalar, a list of the wrong length) are rejected with ``ValueError`` naming the file
-and the key.
+and the key. A field's ``metadata`` may give its flag a help text (``"help"``) and allowed
+values (``"choices"``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, with_config_fl
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         flag = "--" + spec.name.replace("_", "-")
         kwargs = dict(dest=spec.name, default=None, help=f"(default: {default})")
+        if "help" in spec.metadata:  # field(metadata={"help": ..., "choices": ...})
+            kwargs["help"] = f"{spec.metadata['help']} (default: {default})".replace("%", "%%")
+        if "choices" in spec.metadata:
+            kwargs["choices"] = spec.metadata["choices"]
         if element is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_sequence:

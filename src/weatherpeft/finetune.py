@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from weatherpeft import distributed
 from weatherpeft.adapters import save_adapter
 from weatherpeft.atomic import write_json
 from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
+from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, check_encoder_decoder
 from weatherpeft.methods.base import apply_method, check_budget, get_method
+from weatherpeft.methods.weatherpeft import with_paper_prompt_length
 from weatherpeft.tasks import Task, build_task
 from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
@@ -36,6 +38,9 @@ class FinetuneConfig:
     ``ENSEMBLE,TRUTH``, the ensemble store and the analysis store that verifies it).
     ``new_lr``: the learning rate of what the method adds and of the task heads (0: the
     Trainer's ``lr``, which entries of pretrained weights always get).
+    ``encoder_decoder``: the protocol, "frozen" (default) or "train" (the authors': the
+    backbone's encoder/decoder trained whole by every method, outside the budget, stored in
+    the adapter); ``encoder_decoder_lr``: their learning rate under "train" (0: ``lr``).
     """
 
     task: str = "forecasting"
@@ -47,10 +52,26 @@ class FinetuneConfig:
     evaluate: bool = True
     threads: int = 1
     new_lr: float = 0.0
+    encoder_decoder: str = field(default="frozen", metadata={
+        "choices": ENCODER_DECODER_PROTOCOLS,
+        "help": "the protocol for the backbone's encoder/decoder (Aurora: the Perceiver encoder "
+                "and decoder, patch embeddings and output heads; Prithvi-WxC: patch "
+                "embeddings, time embeddings and unembedding). 'frozen': ordinary pretrained "
+                "parameters, frozen unless the method trains them, inside the budget (this "
+                "package's whole-model protocol). 'train': the paper's protocol, trained whole "
+                "by every method (so 'frozen' becomes 'encoder/decoder only'), outside the "
+                "budget and the selection pools, reported in their own column and stored in "
+                "the adapter"})
+    encoder_decoder_lr: float = field(default=0.0, metadata={
+        "help": "learning rate of the encoder/decoder under --encoder-decoder train (0: --lr, "
+                "as other pretrained weights)"})
 
     def __post_init__(self) -> None:
-        if not (self.new_lr >= 0 and math.isfinite(self.new_lr)):
-            raise ValueError(f"FinetuneConfig.new_lr must be ≥ 0 (0: the Trainer's lr), got {self.new_lr}")
+        for name in ("new_lr", "encoder_decoder_lr"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"FinetuneConfig.{name} must be ≥ 0 (0: the Trainer's lr), got {value}")
+        check_encoder_decoder(self.encoder_decoder)
 
 
 def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -78,25 +99,27 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     """Fine-tune, save the adapter into ``train.out_dir``/adapter, score; returns result.json's content."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    options = parse_options(config.options)
+    options = with_paper_prompt_length(config.method, parse_options(config.options), config.task)
     check_budget(config.budget)  # bad requests fail now, not after the data are read
     get_method(config.method).make_options(options)
     seed_everything(train.seed)
     task = build_task(config.task, backbone_statistics(config.backbone), config.data)
     backbone = task_backbone(config.backbone, task)
-    adaptation = apply_method(config.method, backbone, config.budget, options)
+    adaptation = apply_method(config.method, backbone, config.budget, options,
+                              encoder_decoder=config.encoder_decoder)
     if not any(p.requires_grad for p in adaptation.parameters()):
         return _score_untrained(config, train, task, adaptation)
-    trainer = Trainer(adaptation, task, train, hooks=adaptation.hooks,
-                      param_groups=adaptation.param_groups(train.weight_decay,
-                                                           new_lr=config.new_lr or None))
+    groups = adaptation.param_groups(train.weight_decay, new_lr=config.new_lr or None,
+                                     encoder_decoder_lr=config.encoder_decoder_lr or None)
+    trainer = Trainer(adaptation, task, train, hooks=adaptation.hooks, param_groups=groups)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     seconds = time.perf_counter() - start
     out = Path(train.out_dir)
     # Distributed: rank 0 writes; under FSDP from an unsharded copy (gathering is collective).
     saved = distributed.consolidated_copy(adaptation, lambda: apply_method(
-        config.method, task_backbone(config.backbone, task), config.budget, options))
+        config.method, task_backbone(config.backbone, task), config.budget, options,
+        encoder_decoder=config.encoder_decoder))
     result: dict[str, Any] = {"finetune": asdict(config), "fit": summary, "fit_seconds": seconds}
     if distributed.is_main():
         adapter = save_adapter(saved, out / "adapter",

@@ -612,6 +612,12 @@ class AuroraBackbone(Backbone):
         """The Swin blocks' ``mlp.fc2``."""
         return (SWIN_FEEDFORWARD,)
 
+    def _is_encoder_decoder(self, name: str) -> bool:
+        """Aurora's Perceiver encoder and decoder: everything under ``encoder.`` / ``decoder.``
+        (patch embeddings, level aggregation, position/time/scale embeddings, the Perceiver
+        decoder and the output heads); the Swin is ``backbone.``."""
+        return name.startswith(("encoder.", "decoder."))
+
     def fingerprint_config(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The config minus runtime settings, variable lists sorted (their order changes nothing)."""
         config = dict(self.config if config is None else config)

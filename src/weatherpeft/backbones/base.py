@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from aurora import Batch
 
-__all__ = ["BLOCK_PARTS", "Backbone", "LoadReport", "PromptSiteCall", "compare_state",
-           "hash_weights"]
+__all__ = ["BLOCK_PARTS", "ENCODER_DECODER_PROTOCOLS", "Backbone", "LoadReport", "PromptSiteCall",
+           "check_encoder_decoder", "compare_state", "hash_weights"]
 
 #: The parts of a transformer block that baseline methods adapt, under their canonical names
 #: (Aurora's Swin block paths). A backbone maps each to its own path inside a block
@@ -32,6 +32,22 @@ BLOCK_PARTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2", 
 
 #: How many keys of one kind an error message lists before it summarises the rest.
 _LISTED_KEYS = 25
+
+#: What happens to a backbone's encoder/decoder (:meth:`Backbone.encoder_decoder_parameters`)
+#: under fine-tuning. "frozen": they are ordinary pretrained parameters — frozen unless a
+#: method trains them, inside the budget and the selection pools. "train" (the authors'
+#: protocol): trained whole under every method, a role of their own outside the budget and
+#: the selection pools, like the task head.
+ENCODER_DECODER_PROTOCOLS = ("frozen", "train")
+
+
+def check_encoder_decoder(protocol: Any) -> str:
+    """``protocol`` if it is one of :data:`ENCODER_DECODER_PROTOCOLS`, else ``ValueError``."""
+    if protocol not in ENCODER_DECODER_PROTOCOLS:
+        raise ValueError(f"encoder_decoder must be one of {ENCODER_DECODER_PROTOCOLS} ('frozen': "
+                         f"inside the budget as today; 'train': the authors' protocol, trained "
+                         f"whole outside the budget), got {protocol!r}")
+    return protocol
 
 
 class PromptSiteCall(abc.ABC):
@@ -157,6 +173,7 @@ class Backbone(torch.nn.Module, abc.ABC):
         self._pretrained_named: list[tuple[str, torch.nn.Parameter]] = []
         self._head_named: list[tuple[str, torch.nn.Parameter]] = []
         self._fingerprint: str | None = None
+        self._encoder_decoder = "frozen"
 
     # -- the model ------------------------------------------------------------------------
 
@@ -252,8 +269,44 @@ class Backbone(torch.nn.Module, abc.ABC):
         return {n: p for n, p in self.named_parameters() if id(p) in wanted}
 
     def pretrained_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Everything that came pretrained and is not task head: what SFAS selects from."""
-        return self._select(self._pretrained_named)
+        """Everything that came pretrained and is not task head — nor, under the "train"
+        protocol, encoder/decoder: what budgets count and SFAS selects from."""
+        pretrained = self._select(self._pretrained_named)
+        if self._encoder_decoder == "frozen":
+            return pretrained
+        apart = {id(p) for p in self.encoder_decoder_parameters().values()}
+        return {n: p for n, p in pretrained.items() if id(p) not in apart}
+
+    def encoder_decoder_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The pretrained parameters that map fields to tokens and tokens back to fields (the
+        authors train them under every method as the task's "head"); whatever the protocol.
+
+        Backbones that can name them override :meth:`_is_encoder_decoder`; the default raises
+        ``ValueError``, so the "train" protocol is refused before any data are read.
+        """
+        chosen = [(n, p) for n, p in self._pretrained_named if self._is_encoder_decoder(n)]
+        if not chosen:
+            raise ValueError(f"{type(self).__name__} names no encoder/decoder parameters: "
+                             "encoder_decoder='train' needs them")
+        return self._select(chosen)
+
+    def _is_encoder_decoder(self, name: str) -> bool:
+        """Whether pretrained parameter ``name`` (as recorded at load) is encoder/decoder."""
+        raise ValueError(f"{type(self).__name__} cannot name its encoder/decoder parameters, so "
+                         "it cannot honour encoder_decoder='train'; use 'frozen'")
+
+    @property
+    def encoder_decoder(self) -> str:
+        """The protocol the parameter roles follow: "frozen" (default) or "train"."""
+        return self._encoder_decoder
+
+    def set_encoder_decoder(self, protocol: str) -> None:
+        """Follow ``protocol`` (see :data:`ENCODER_DECODER_PROTOCOLS`); set before a method is
+        applied. ``ValueError`` for an unknown protocol or one this backbone cannot honour."""
+        protocol = check_encoder_decoder(protocol)
+        if protocol == "train":
+            self.encoder_decoder_parameters()  # raises if the backbone cannot name them
+        self._encoder_decoder = protocol
 
     def task_head_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Embeddings and output heads of variables the checkpoint lacked: trained by every method."""

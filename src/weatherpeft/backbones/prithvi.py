@@ -115,6 +115,9 @@ _PREFIX = "prithvi."
 _DERIVED = ("in_channels", "in_channels_static", "input_scalers_mu", "input_scalers_sigma",
             "static_input_scalers_mu", "static_input_scalers_sigma", "output_scalers",
             "mask_ratio_inputs", "mask_ratio_targets", "checkpoint_encoder", "checkpoint_decoder")
+#: PrithviWxC's modules outside its transformer stacks that map fields to tokens and back.
+_ENCODER_DECODER_PARTS = ("patch_embedding", "patch_embedding_static", "input_time_embedding",
+                          "lead_time_embedding", "unembed")
 #: Time channels of the static input: cos/sin day of year, cos/sin hour of day.
 _TIME_CHANNELS = 4
 #: Unused leading entries of the static scalers under the Fourier encoding (Prithvi reads [3:]).
@@ -627,6 +630,14 @@ class PrithviBackbone(Backbone):
             model.unembed.register_forward_hook(self._run_head_unembed)
             if self.head_climate is not None:
                 model.patch_embedding_static.register_forward_hook(self._add_head_climate)
+
+    def _is_encoder_decoder(self, name: str) -> bool:
+        """Prithvi-WxC's counterparts of Aurora's Perceiver encoder/decoder: everything that maps
+        fields to tokens and back outside its transformer stacks (``prithvi.encoder`` and
+        ``prithvi.decoder``, which are the backbone proper) — the patch embedding, the static
+        (and climate) patch embedding, the input-time and lead-time embeddings, and ``unembed``.
+        ``mask_token`` is left out: only masked pretraining reads it."""
+        return name.startswith(tuple(f"{_PREFIX}{part}." for part in _ENCODER_DECODER_PARTS))
 
     def _head_parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters() if name.startswith("head_")]

@@ -9,15 +9,21 @@ Every parameter of an Adaptation has exactly one role, decided by identity:
 
 - *head*: the backbone's task-head parameters (new variables' embeddings and output heads),
   trained by every method and counted apart, like a classifier head;
+- *encoder_decoder*: under the "train" protocol (the authors'), the backbone's encoder/decoder
+  (:meth:`~weatherpeft.backbones.base.Backbone.encoder_decoder_parameters`), trained whole by
+  every method, outside the budget and the selection pools, counted apart; under "frozen"
+  (the default) they are ordinary pretrained parameters and this role is empty;
 - *dense*: pretrained parameters the method trains whole (full fine-tuning);
 - *masked*: pretrained parameters of which only selected entries move (SFAS, Child-Tuning),
   updated by a :class:`~weatherpeft.methods.masked_update.MaskedUpdate` hook;
 - *added*: parameters the method created (TADP generators, LoRA matrices, prompts);
 - frozen: everything else.
 
-Budgets are fractions of the backbone's pretrained parameter count. :class:`ParameterReport`
-says what a method trains per step (``trainable``) and what its adapter file must hold
-(``stored``) — for SFAS the union of every entry that ever moved, not the per-step k.
+Budgets are fractions of the backbone's pretrained parameter count (under "train", the
+encoder/decoder excluded: the paper's accounting, whose "Full-Tuning" count is Aurora's Swin).
+:class:`ParameterReport` says what a method trains per step (``trainable``) and what its
+adapter file must hold (``stored``) — for SFAS the union of every entry that ever moved, not
+the per-step k.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from typing import Any
 import torch
 from aurora import Batch
 
-from weatherpeft.backbones.base import Backbone
+from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, Backbone
 
 __all__ = [
     "BUDGET_TOLERANCE",
+    "ENCODER_DECODER_PROTOCOLS",
     "Adaptation",
     "BudgetError",
     "MethodSpec",
@@ -67,16 +74,20 @@ class BudgetError(ValueError):
 class ParameterReport:
     """Honest parameter accounting of one adapted model (counts of scalar entries).
 
-    ``pretrained``: the backbone's pretrained parameter count, the budget's denominator.
-    ``trainable``: entries an optimizer step may change, task head excluded (for SFAS the
-    per-step k). ``stored``: entries the adapter file holds, task head excluded (for SFAS
-    the union of every entry that ever moved). ``head``: task-head parameters.
+    ``pretrained``: the backbone's pretrained parameter count, the budget's denominator
+    (encoder/decoder excluded under the "train" protocol). ``trainable``: entries an optimizer
+    step may change, task head and encoder/decoder excluded (for SFAS the per-step k).
+    ``stored``: entries the adapter file holds, task head and encoder/decoder excluded (for
+    SFAS the union of every entry that ever moved). ``head``: task-head parameters.
+    ``encoder_decoder``: encoder/decoder parameters trained whole under the "train" protocol
+    (0 under "frozen"); the adapter file holds them too.
     """
 
     pretrained: int
     trainable: int
     stored: int
     head: int
+    encoder_decoder: int = 0
 
     @property
     def trainable_fraction(self) -> float:
@@ -130,6 +141,8 @@ class Adaptation(torch.nn.Module):
         self.method = method
         self.budget = float(budget)
         self.options = dict(options)
+        #: The protocol (see ENCODER_DECODER_PROTOCOLS), as the backbone was set to follow.
+        self.encoder_decoder = backbone.encoder_decoder
         self.masked_updates: list[Any] = []
         self.hooks: list[Any] = []
         self.merge_steps: list[Callable[[Adaptation], None]] = []
@@ -141,13 +154,19 @@ class Adaptation(torch.nn.Module):
         self.pretrained_count = sum(p.numel() for p in backbone.pretrained_parameters().values())
         for parameter in backbone.parameters():
             parameter.requires_grad_(False)
-        for parameter in backbone.task_head_parameters().values():
-            parameter.requires_grad_(True)
+        self.enable_always_trained()
 
     def forward(self, batch: Batch) -> Batch:
         return self.backbone(batch)
 
     # -- declaring roles ------------------------------------------------------------------
+
+    def enable_always_trained(self) -> None:
+        """Make the parameters every method trains trainable: task head, and encoder/decoder
+        under the "train" protocol (for methods whose injection freezes everything, HF peft)."""
+        for parameter in (*self.head_parameters().values(),
+                          *self.encoder_decoder_parameters().values()):
+            parameter.requires_grad_(True)
 
     def train_densely(self, names: Iterable[str]) -> None:
         """Make these pretrained parameters (backbone names) trainable as whole tensors."""
@@ -193,6 +212,11 @@ class Adaptation(torch.nn.Module):
         """Task-head parameters under backbone names."""
         return self.backbone.task_head_parameters()
 
+    def encoder_decoder_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Encoder/decoder parameters trained whole under "train", under backbone names
+        (empty under "frozen")."""
+        return {} if self.encoder_decoder == "frozen" else self.backbone.encoder_decoder_parameters()
+
     def dense_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Pretrained parameters trained whole, under backbone names."""
         return {n: p for n, p in self.backbone.pretrained_parameters().items()
@@ -202,29 +226,39 @@ class Adaptation(torch.nn.Module):
         """Parameters the method created, under names relative to this module."""
         known = {id(p) for p in self.backbone.pretrained_parameters().values()}
         known |= {id(p) for p in self.backbone.task_head_parameters().values()}
+        known |= {id(p) for p in self.encoder_decoder_parameters().values()}
         return {n: p for n, p in self.named_parameters() if id(p) not in known}
 
     # -- what the Trainer needs -----------------------------------------------------------
 
-    def param_groups(self, weight_decay: float, new_lr: float | None = None) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float, new_lr: float | None = None,
+                     encoder_decoder_lr: float | None = None) -> list[dict[str, Any]]:
         """AdamW groups: decay on ≥2-D tensors, none on vectors; masked parameters in their own
         groups, which the MaskedUpdate hook reads (lr, betas, eps, weight decay) and updates
         itself — AdamW never sees their gradients, so it keeps no dense state for them.
 
         ``new_lr``: a learning rate of its own for the parameters the method added and the task
-        heads ("new_*" groups); pretrained entries keep the optimizer's.
+        heads ("new_*" groups); pretrained entries keep the optimizer's. Encoder/decoder
+        parameters under "train" have groups of their own ("encoder_decoder_*"), at
+        ``encoder_decoder_lr`` (None: the optimizer's, as pretrained entries).
         """
         masked = self._masked_ids()
         new = {id(p) for p in self.added_parameters().values()} | \
             {id(p) for p in self.head_parameters().values()} if new_lr is not None else set()
-        dense = [p for p in self.parameters()
-                 if p.requires_grad and id(p) not in masked and id(p) not in new]
+        apart = {id(p) for p in self.encoder_decoder_parameters().values()}
+        dense = [p for p in self.parameters() if p.requires_grad and id(p) not in masked
+                 and id(p) not in new and id(p) not in apart]
         fresh = [p for p in self.parameters() if p.requires_grad and id(p) in new]
+        coder = [p for p in self.parameters() if p.requires_grad and id(p) in apart]
+        coder_lr = {} if encoder_decoder_lr is None else {"lr": encoder_decoder_lr}
         sparse = [p for update in self.masked_updates for p in update.parameters.values()]
         candidates = (("decay", [p for p in dense if p.ndim >= 2], weight_decay, {}),
                       ("no_decay", [p for p in dense if p.ndim < 2], 0.0, {}),
                       ("new_decay", [p for p in fresh if p.ndim >= 2], weight_decay, {"lr": new_lr}),
                       ("new_no_decay", [p for p in fresh if p.ndim < 2], 0.0, {"lr": new_lr}),
+                      ("encoder_decoder_decay", [p for p in coder if p.ndim >= 2], weight_decay,
+                       coder_lr),
+                      ("encoder_decoder_no_decay", [p for p in coder if p.ndim < 2], 0.0, coder_lr),
                       ("masked_decay", [p for p in sparse if p.ndim >= 2], weight_decay, {}),
                       ("masked_no_decay", [p for p in sparse if p.ndim < 2], 0.0, {}))
         groups = [{"params": params, "weight_decay": decay, "name": name, **extra}
@@ -236,14 +270,17 @@ class Adaptation(torch.nn.Module):
     # -- accounting -----------------------------------------------------------------------
 
     def report(self) -> ParameterReport:
-        """Trainable per step, stored in the adapter file, and task head (see ParameterReport)."""
+        """Trainable per step, stored in the adapter file, task head and encoder/decoder (see
+        ParameterReport)."""
         added = sum(p.numel() for p in self.added_parameters().values())
         dense = sum(p.numel() for p in self.dense_parameters().values())
         per_step = sum(update.per_step_entries for update in self.masked_updates)
         stored_masked = sum(update.stored_entries() for update in self.masked_updates)
         head = sum(p.numel() for p in self.head_parameters().values())
+        coder = sum(p.numel() for p in self.encoder_decoder_parameters().values())
         return ParameterReport(pretrained=self.pretrained_count, trainable=added + dense + per_step,
-                               stored=added + dense + stored_masked, head=head)
+                               stored=added + dense + stored_masked, head=head,
+                               encoder_decoder=coder)
 
     def note_budget_shortfall(self, count: int, entries: int, why: str) -> None:
         """Record and log that the method trains ``count`` of the budget's ``entries`` when that
@@ -378,16 +415,22 @@ def get_method(name: str) -> MethodSpec:
 
 
 def apply_method(name: str, backbone: Backbone, budget: float,
-                 options: Mapping[str, Any] | None = None) -> Adaptation:
-    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters).
+                 options: Mapping[str, Any] | None = None,
+                 encoder_decoder: str = "frozen") -> Adaptation:
+    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters)
+    under the ``encoder_decoder`` protocol (:data:`ENCODER_DECODER_PROTOCOLS`: "frozen", the
+    default, or "train", the authors': encoder/decoder trained whole by every method, outside
+    the budget).
 
-    Raises ``ValueError`` for an unknown method, a budget outside (0, 1], or an unknown option
-    or one of the wrong type or value (a pattern that is not a regular expression included);
-    :class:`BudgetError` where the method cannot reach the budget on this backbone.
+    Raises ``ValueError`` for an unknown method, a budget outside (0, 1], an unknown protocol
+    or one the backbone cannot honour, or an unknown option or one of the wrong type or value
+    (a pattern that is not a regular expression included); :class:`BudgetError` where the
+    method cannot reach the budget on this backbone.
     """
     spec = get_method(name)
     budget = check_budget(budget)
     options = spec.make_options(options)
+    backbone.set_encoder_decoder(encoder_decoder)
     try:
         return spec.build(backbone, budget, options)
     except re.error as error:  # include/exclude/targets options are regular expressions
@@ -405,9 +448,11 @@ def _option_defaults(options: type) -> dict[str, Any]:
     return defaults
 
 
-def describe_methods(backbone_path: str, budget: float) -> list[dict[str, Any]]:
-    """Every method: summary, option defaults, and its parameter report at ``budget`` on the
-    backbone checkpoint ``backbone_path`` (or the reason it cannot reach that budget)."""
+def describe_methods(backbone_path: str, budget: float,
+                     encoder_decoder: str = "frozen") -> list[dict[str, Any]]:
+    """Every method: summary, option defaults, and its parameter report at ``budget`` under the
+    ``encoder_decoder`` protocol on the backbone checkpoint ``backbone_path`` (or the reason
+    it cannot reach that budget)."""
     from weatherpeft.backbones import load_backbone
 
     rows = []
@@ -416,7 +461,8 @@ def describe_methods(backbone_path: str, budget: float) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "summary": spec.summary,
                                "options": _option_defaults(spec.options)}
         try:
-            adaptation = apply_method(name, load_backbone(backbone_path), budget)
+            adaptation = apply_method(name, load_backbone(backbone_path), budget,
+                                      encoder_decoder=encoder_decoder)
             row.update(adaptation.report().as_dict(), resolved=adaptation.resolved)
         except ValueError as error:
             row["error"] = str(error)

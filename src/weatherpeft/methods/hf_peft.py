@@ -239,9 +239,9 @@ def _inject(adaptation: Adaptation, config: PeftConfig, seed: int) -> None:
             raise ValueError(f"peft type '{peft_type}' cannot be applied to "
                              f"{type(backbone).__name__} ({error}); load a fresh backbone before "
                              "trying again") from error
-    # peft freezes everything but its adapters; the task head trains under every method.
-    for parameter in backbone.task_head_parameters().values():
-        parameter.requires_grad_(True)
+    # peft freezes everything but its adapters; the task head (and encoder/decoder under the
+    # "train" protocol) trains under every method.
+    adaptation.enable_always_trained()
     # Pretrained tensors peft leaves trainable (bias="all", ...) train whole, declared as dense.
     adaptation.train_densely([name for name, parameter in backbone.pretrained_parameters().items()
                               if parameter.requires_grad])

@@ -7,7 +7,9 @@ Every ``refresh_every`` steps (R; R = 1 is the paper's setting):
 2. Scores: F̃ = F/max(F)·(1 + γ·(1 − n/t)·U(0, 1)) (``noise="multiplicative"``, the
    default), or F / max(F) + γ·(1 − n/t)·U (``"additive"``, the other reading of the
    paper), with n/t = (step + 1) / total steps: early refreshes explore, the last one is
-   pure Fisher. The benchmark chose the default (docs/results/investigation): F/max F is
+   pure Fisher. ``"authors"``: the authors' code, |g|·U(0, 1) at every refresh (√F when
+   R > 1), not annealed — their annealing scalar multiplies every score alike, so it cannot
+   change the ranking. The benchmark chose the default (docs/results/investigation): F/max F is
    heavy-tailed, so additive noise of γ = 0.2 outweighs the Fisher of almost every entry and
    early selections are close to random — in union mode the moved set then grows to nearly
    every weight (92 % of aurora-tiny in 120 steps at a 4 % budget), for worse RMSE than the
@@ -54,14 +56,14 @@ from weatherpeft.methods.selection import select_top_k
 
 __all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "block_noise", "selectable_parameters"]
 
-NOISE_FORMS = ("additive", "multiplicative")
+NOISE_FORMS = ("additive", "multiplicative", "authors")
 BUDGET_MODES = ("union", "strict")
 
 
 @dataclass
 class SFASConfig:
     """SFAS options. ``gamma``: initial noise coefficient γ; ``refresh_every``: R steps;
-    ``noise``: multiplicative | additive; ``budget_mode``: union | strict (see module doc);
+    ``noise``: multiplicative | additive | authors; ``budget_mode``: union | strict (see module doc);
     ``step_fraction``: per-refresh k as a fraction of the SFAS entries (default 1 in union
     mode, 0.5 in strict mode, where 1 would freeze the first selection); ``include`` /
     ``exclude``: regexes on pretrained parameter names (default: every pretrained entry,
@@ -208,6 +210,7 @@ class FisherSelection(MaskedUpdate):
         scale = self.noise_scale(step)
         seed = self.config.seed
         multiplicative = self.config.noise == "multiplicative"
+        authors = self.config.noise == "authors"
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
         def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,6 +220,12 @@ class FisherSelection(MaskedUpdate):
                 else values.detach().reshape(-1).float()
             if subset is not None:
                 values = values[subset]
+            if authors:  # |g|·(r + 2¹⁵ + ½) ∝ |g|·U (√F when accumulated), never annealed
+                noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i],
+                                    shard.numel(), shard.device)
+                noise = (noise if subset is None else noise[subset]).float()
+                magnitude = values.abs() if squared else values.sqrt()
+                return noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(magnitude)
             if scale == 0:
                 return values.square() if squared else values.clone()
             noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i], shard.numel(),

@@ -18,7 +18,9 @@ resolution. A :class:`PromptGenerator` maps it to P prompt tokens:
 E_P is prepended at every prompt site (:class:`~weatherpeft.methods.prompts.PromptInjector`),
 mapped to the site's width C where it differs from D: ``width_map="linear"`` is a
 ``Linear(D, C)`` (D·C + C parameters — 33 k for 128 → 256, more than a generator), ``"lowrank"``
-a ``Linear(D, r, bias=False)`` then ``Linear(r, C)`` with r = d_bottleneck, for small budgets.
+a ``Linear(D, r, bias=False)`` then ``Linear(r, C)`` with r = d_bottleneck, for small budgets,
+``"interpolate"`` parameter-free linear interpolation along the feature axis (the authors map
+widths without parameters; the exact interpolation is our reading).
 ``sharing`` decides how many generators there are: one per site ("block"), one per
 encoder/decoder layer ("stage"), or one for all sites ("all"); width maps belong to their
 generator, and under "all" there is one per distinct width. E is read from the live embedding weights, so gradients reach
@@ -43,7 +45,9 @@ __all__ = ["PromptGenerator", "ResidualAdapter", "TADP", "TADPConfig", "fit_tadp
            "tadp_parameter_count"]
 
 SHARING_MODES = ("block", "stage", "all")
-WIDTH_MAPS = ("linear", "lowrank")
+WIDTH_MAPS = ("linear", "lowrank", "interpolate")
+#: The width maps budget sizing chooses among (with parameters, so a budget can size them).
+SIZED_WIDTH_MAPS = ("linear", "lowrank")
 #: A site's stage: Aurora's ``encoder_layers.i``/``decoder_layers.i``, Prithvi-WxC's encoder
 #: or decoder ``lgl_block``.
 _STAGE = re.compile(r"(?:^|\.)((?:encoder|decoder)_layers\.\d+|(?:encoder|decoder)\.lgl_block)\.")
@@ -206,10 +210,24 @@ def _plan(backbone: Backbone, embed_dim: int, sharing: str) -> list[_SitePlan]:
     return plans
 
 
+class _InterpolatedWidth(nn.Module):
+    """(P, D) → (P, C) by linear interpolation along the last axis: no parameters."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x.unsqueeze(0), size=self.width, mode="linear",
+                                         align_corners=False).squeeze(0)
+
+
 def _width_map(embed_dim: int, width: int, config: TADPConfig) -> nn.Module:
-    """D → C: one linear layer, or two through rank d_bottleneck ("lowrank")."""
+    """D → C: one linear layer, two through rank d_bottleneck ("lowrank"), or interpolation."""
     if config.width_map == "linear":
         return nn.Linear(embed_dim, width)
+    if config.width_map == "interpolate":
+        return _InterpolatedWidth(width)
     return nn.Sequential(nn.Linear(embed_dim, config.d_bottleneck, bias=False),
                          nn.Linear(config.d_bottleneck, width))
 
@@ -217,6 +235,8 @@ def _width_map(embed_dim: int, width: int, config: TADPConfig) -> nn.Module:
 def _width_map_count(embed_dim: int, width: int, config: TADPConfig) -> int:
     if config.width_map == "linear":
         return (embed_dim + 1) * width
+    if config.width_map == "interpolate":
+        return 0
     return embed_dim * config.d_bottleneck + (config.d_bottleneck + 1) * width
 
 

@@ -3,14 +3,22 @@
 Also registers ``tadp`` alone (the paper's ablation; ``sfas`` alone lives in
 :mod:`weatherpeft.methods.sfas`).
 
-Sizing. The budget B (entries) is split: TADP takes at most ``tadp_share``·B, SFAS selects
-the rest. TADP is sized by :func:`size_tadp`: with ``sharing="auto"`` and
-``width_map="auto"`` it tries, finest first, (block, linear), (block, lowrank), (stage,
+Sizing (``sizing="split"``, the default). The budget B (entries) is split: TADP takes at
+most ``tadp_share``·B, SFAS selects the rest. TADP is sized by :func:`size_tadp`: with
+``sharing="auto"`` and ``width_map="auto"`` it tries, finest first, (block, linear), (block, lowrank), (stage,
 linear), (stage, lowrank), (all, linear), (all, lowrank), each with the longest prompt in
 [min_prompt_length, prompt_length] that fits. If even the smallest TADP exceeds its share,
 it takes what it needs as long as SFAS keeps ``min_sfas_share`` of B; otherwise the budget
 is infeasible and :class:`~weatherpeft.methods.base.BudgetError` names the smallest budget
 that works. TADP is never shrunk below ``min_prompt_length`` prompts to fit.
+
+``sizing="paper"`` (the authors'): SFAS keeps k = B and TADP is added on top, unsized: one
+generator per block (unless ``sharing`` says otherwise), parameter-free width maps as the
+authors' (``"interpolate"``, unless ``width_map`` says otherwise) and ``prompt_length``
+prompts — the authors used 30 for downscaling, 5 for post-processing and 20 for
+precipitation (:data:`PAPER_PROMPT_LENGTHS`; ``weatherpeft finetune`` and the benchmark fill
+it in for the task). WeatherPEFT then trains
+and stores more than the budget; the report and ``resolved["over_budget"]`` say by how much.
 """
 
 from __future__ import annotations
@@ -21,21 +29,36 @@ from dataclasses import dataclass
 
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import (Adaptation, BudgetError, budget_entries, register_method)
-from weatherpeft.methods.sfas import SFASConfig, attach_sfas
-from weatherpeft.methods.tadp import (SHARING_MODES, TADP, WIDTH_MAPS, TADPConfig, fit_tadp_config,
-                                      tadp_parameter_count)
+from weatherpeft.methods.sfas import SFASConfig, attach_sfas, selectable_parameters
+from weatherpeft.methods.tadp import (SHARING_MODES, SIZED_WIDTH_MAPS, TADP, WIDTH_MAPS, TADPConfig,
+                                      fit_tadp_config, tadp_parameter_count)
 
-__all__ = ["TADPOptions", "WeatherPEFTOptions", "apply_tadp", "apply_weatherpeft", "size_tadp"]
+__all__ = ["PAPER_PROMPT_LENGTHS", "SIZINGS", "TADPOptions", "WeatherPEFTOptions", "apply_tadp",
+           "apply_weatherpeft", "size_tadp", "with_paper_prompt_length"]
 
 log = logging.getLogger(__name__)
+
+SIZINGS = ("split", "paper")
+#: The authors' TADP prompt length per task (their scripts), used by ``sizing="paper"``.
+PAPER_PROMPT_LENGTHS = {"downscaling": 30, "postprocessing": 5, "precipitation": 20}
+
+
+def with_paper_prompt_length(method: str, options: dict, task: str) -> dict:
+    """``options`` with the authors' prompt length for ``task`` when ``method`` is WeatherPEFT
+    under ``sizing="paper"`` and no ``prompt_length`` is given (otherwise unchanged)."""
+    if method == "weatherpeft" and options.get("sizing") == "paper" \
+            and "prompt_length" not in options and task in PAPER_PROMPT_LENGTHS:
+        return {**options, "prompt_length": PAPER_PROMPT_LENGTHS[task]}
+    return dict(options)
 
 
 @dataclass
 class TADPOptions:
     """TADP options. ``prompt_length``: the longest prompt (authors: 30); ``min_prompt_length``:
     the shortest sizing may choose; ``sharing``: auto | block | stage | all; ``width_map``:
-    auto | linear | lowrank; bottlenecks as the authors'; ``variables``: the task's variable
-    set (default: every variable the backbone embeds)."""
+    auto | linear | lowrank | interpolate (parameter-free, never chosen by "auto"); bottlenecks
+    as the authors'; ``variables``: the task's variable set (default: every variable the
+    backbone embeds)."""
 
     prompt_length: int = 30
     min_prompt_length: int = 8
@@ -47,11 +70,16 @@ class TADPOptions:
     variables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_tadp(sized=True)
+
+    def _check_tadp(self, sized: bool) -> None:
+        """Validate; ``sized``: sizing may shorten the prompt (needs min_prompt_length ≤
+        prompt_length)."""
         if self.sharing not in ("auto", *SHARING_MODES):
             raise ValueError(f"TADP sharing must be 'auto' or one of {SHARING_MODES}, got {self.sharing!r}")
         if self.width_map not in ("auto", *WIDTH_MAPS):
             raise ValueError(f"TADP width_map must be 'auto' or one of {WIDTH_MAPS}, got {self.width_map!r}")
-        if not 1 <= self.min_prompt_length <= self.prompt_length:
+        if self.prompt_length < 1 or (sized and not 1 <= self.min_prompt_length <= self.prompt_length):
             raise ValueError(f"TADP needs 1 ≤ min_prompt_length ≤ prompt_length, got "
                              f"{self.min_prompt_length} and {self.prompt_length}")
         self.variables = tuple(self.variables)
@@ -59,7 +87,7 @@ class TADPOptions:
     def candidates(self) -> list[TADPConfig]:
         """Configurations to try, finest sharing and fullest width map first."""
         sharings = SHARING_MODES if self.sharing == "auto" else (self.sharing,)
-        maps = WIDTH_MAPS if self.width_map == "auto" else (self.width_map,)
+        maps = SIZED_WIDTH_MAPS if self.width_map == "auto" else (self.width_map,)
         return [TADPConfig(prompt_length=self.prompt_length, sharing=sharing, width_map=width_map,
                            s_bottleneck=self.s_bottleneck, v_ratio=self.v_ratio,
                            d_bottleneck=self.d_bottleneck)
@@ -68,15 +96,19 @@ class TADPOptions:
 
 @dataclass
 class WeatherPEFTOptions(TADPOptions, SFASConfig):
-    """TADP options, SFAS options (as in ``sfas``), and the split: ``tadp_share`` of the
-    budget for TADP at most (unless its smallest size needs more), ``min_sfas_share`` kept
-    for SFAS in any case."""
+    """TADP options, SFAS options (as in ``sfas``), and the sizing: ``"split"`` (default) gives
+    TADP ``tadp_share`` of the budget at most (unless its smallest size needs more) and keeps
+    ``min_sfas_share`` for SFAS in any case; ``"paper"`` gives SFAS the whole budget and adds
+    TADP on top (see the module doc)."""
 
     tadp_share: float = 0.5
     min_sfas_share: float = 0.1
+    sizing: str = "split"
 
     def __post_init__(self) -> None:
-        TADPOptions.__post_init__(self)
+        if self.sizing not in SIZINGS:
+            raise ValueError(f"WeatherPEFT sizing must be one of {SIZINGS}, got {self.sizing!r}")
+        self._check_tadp(sized=self.sizing == "split")
         SFASConfig.__post_init__(self)
         if not 0.0 < self.tadp_share < 1.0 or not 0.0 < self.min_sfas_share < 1.0:
             raise ValueError(f"tadp_share and min_sfas_share must be in (0, 1), got "
@@ -149,6 +181,8 @@ def _pretrained(backbone: Backbone) -> int:
 @register_method("weatherpeft", WeatherPEFTOptions,
                  "WeatherPEFT: TADP prompts + SFAS annealed Fisher top-k, one budget")
 def apply_weatherpeft(backbone: Backbone, budget: float, options: WeatherPEFTOptions) -> Adaptation:
+    if options.sizing == "paper":
+        return _weatherpeft_paper(backbone, budget, options)
     entries = budget_entries(backbone, budget)
     variables = _variables(backbone, options)
     config = size_tadp(backbone, len(variables), int(options.tadp_share * entries), options)
@@ -170,5 +204,33 @@ def apply_weatherpeft(backbone: Backbone, budget: float, options: WeatherPEFTOpt
     tadp_count = tadp_parameter_count(backbone, len(variables), config)
     attach_sfas(adaptation, entries - tadp_count, options.sfas_config())
     adaptation.resolved.update(tadp=_resolved(config), tadp_parameters=tadp_count,
-                               sfas_entries=entries - tadp_count)
+                               sfas_entries=entries - tadp_count, sizing="split")
+    return adaptation
+
+
+def _weatherpeft_paper(backbone: Backbone, budget: float, options: WeatherPEFTOptions) -> Adaptation:
+    """The authors' sizing: SFAS keeps k = budget, TADP (unsized) is added on top."""
+    entries = budget_entries(backbone, budget)
+    sfas = options.sfas_config()
+    pool = sum(p.numel() for p in selectable_parameters(backbone, sfas.include, sfas.exclude).values())
+    if entries > pool:
+        raise BudgetError(f"WeatherPEFT sizing='paper' at budget {budget}: SFAS keeps {entries:,} "
+                          f"entries but only {pool:,} are selectable (include/exclude); nearest "
+                          f"feasible budget: {pool / _pretrained(backbone):.4%}")
+    variables = _variables(backbone, options)
+    base = options.candidates()[0]
+    config = dataclasses.replace(base, sharing="block" if options.sharing == "auto" else base.sharing,
+                                 width_map="interpolate" if options.width_map == "auto" else base.width_map)
+    adaptation = Adaptation(backbone, "weatherpeft", budget, dataclasses.asdict(options))
+    _attach_tadp(adaptation, variables, config)
+    tadp_count = tadp_parameter_count(backbone, len(variables), config)
+    attach_sfas(adaptation, entries, sfas)
+    total = entries + tadp_count
+    message = (f"WeatherPEFT sizing='paper' at budget {budget}: SFAS keeps the budget's {entries:,} "
+               f"entries and TADP adds {tadp_count:,} on top: {total:,} trainable per step, "
+               f"{total / adaptation.pretrained_count:.3%} of the backbone, {total / entries:.1f}× "
+               "the budget (stored grows further with SFAS's union)")
+    log.warning(message)
+    adaptation.resolved.update(sizing="paper", tadp=_resolved(config), tadp_parameters=tadp_count,
+                               sfas_entries=entries, over_budget=message)
     return adaptation

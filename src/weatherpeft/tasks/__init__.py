@@ -2,7 +2,9 @@
 
 :func:`build_task` makes a task by name on a data path (default: its store in the built-in
 world), normalised with the backbone's statistics; a task measures statistics only for the
-variables it adds, on its training period.
+variables it adds, on its training period. ``downscaling-x2`` and ``precipitation-rollout``
+are the first forms of two benchmark tasks, kept beside the defaults (×4 downscaling, direct
+precipitation heads) that replaced them.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ def _forecasting(data: str, stats: NormalisationStats | None) -> Task:
                            lead_steps=(1,))
 
 
-def _downscaling(data: str, stats: NormalisationStats | None) -> Task:
+def _downscaling(data: str, stats: NormalisationStats | None, coarse_factor: int = 4) -> Task:
     from weatherpeft.tasks.downscaling import DownscalingTask
 
-    return DownscalingTask(data or None, None, stats)
+    return DownscalingTask(data or None, None, stats, coarse_factor=coarse_factor)
+
+
+def _downscaling_x2(data: str, stats: NormalisationStats | None) -> Task:
+    return _downscaling(data, stats, coarse_factor=2)
 
 
 def _postprocessing(data: str, stats: NormalisationStats | None) -> Task:
@@ -46,18 +52,24 @@ def _postprocessing(data: str, stats: NormalisationStats | None) -> Task:
     return PostprocessingTask(ensemble, None, stats, truth_store=truth)
 
 
-def _precipitation(data: str, stats: NormalisationStats | None) -> Task:
+def _precipitation(data: str, stats: NormalisationStats | None, design: str = "direct") -> Task:
     from weatherpeft.tasks.precipitation import PrecipitationTask
 
-    return PrecipitationTask(data or None, None, stats)
+    return PrecipitationTask(data or None, None, stats, design=design)
+
+
+def _precipitation_rollout(data: str, stats: NormalisationStats | None) -> Task:
+    return _precipitation(data, stats, design="rollout")
 
 
 #: Task name → builder (data path, backbone statistics) → Task.
 TASKS: dict[str, Callable[[str, NormalisationStats | None], Task]] = {
     "forecasting": _forecasting,
     "downscaling": _downscaling,
+    "downscaling-x2": _downscaling_x2,
     "postprocessing": _postprocessing,
     "precipitation": _precipitation,
+    "precipitation-rollout": _precipitation_rollout,
 }
 
 

@@ -1,0 +1,34 @@
+"""Exploration runner: python run.py VARIANT METHOD STEPS SEED OUT [OPTIONS_JSON] [TASK_KWARGS_JSON]"""
+import json, sys, time, logging
+import torch
+torch.set_num_threads(1)
+from weatherpeft import tasks
+from weatherpeft.finetune import FinetuneConfig, run_finetune
+from weatherpeft.benchmark import training_protocol
+
+variant, method, steps, seed, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+options = sys.argv[6] if len(sys.argv) > 6 else "{}"
+kwargs = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
+base = {"ds": "downscaling", "pp": "postprocessing", "pr": "precipitation"}[variant[:2]]
+if kwargs:
+    def build(data, stats, _base=base):
+        if _base == "downscaling":
+            from weatherpeft.tasks.downscaling import DownscalingTask as T
+        elif _base == "postprocessing":
+            from weatherpeft.tasks.postprocessing import PostprocessingTask as T
+        else:
+            from weatherpeft.tasks.precipitation import PrecipitationTask as T
+        kw = dict(kwargs); store = kw.pop("store", None)
+        return T(store, None, stats, **kw)
+    tasks.TASKS[base] = build
+logging.basicConfig(level=logging.WARNING)
+protocol = sys.argv[8] if len(sys.argv) > 8 else "frozen"
+cfg = FinetuneConfig(task=base, method=method, budget=0.003, options=options, new_lr=6e-3, threads=1, encoder_decoder=protocol)
+train = training_protocol(steps, 2, 1e-3, seed, out)
+t0 = time.time()
+result = run_finetune(cfg, train)
+wall = time.time() - t0
+json.dump({"protocol": protocol, "variant": variant, "kwargs": kwargs, "method": method, "options": options, "steps": steps,
+           "seed": seed, "wall": wall, "fit_seconds": result["fit_seconds"], "test": result["test"]},
+          open(out + "/summary.json", "w"), indent=1)
+print("done", variant, method, steps, seed, f"{wall:.0f}s")
