@@ -38,6 +38,7 @@ under the cap (top-c outside the union plus top-(k−c) inside, c = room left).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,11 +51,75 @@ from weatherpeft.backbones.base import Backbone
 from weatherpeft.distributed import local_tensor
 from weatherpeft.methods.base import Adaptation, budget_entries, match_names, register_method
 from weatherpeft.methods.masked_update import MaskedUpdate
-from weatherpeft.methods.selection import select_top_k
+from weatherpeft.methods.selection import _kth_largest, select_top_k
 
-__all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "block_noise", "selectable_parameters"]
+__all__ = ["FisherSelection", "NOISE_FORMS", "NoiseForm", "SFASConfig", "apply_sfas", "block_noise",
+           "noise_at", "selectable_parameters"]
 
-NOISE_FORMS = ("additive", "multiplicative")
+#: Levels of the 16-bit uniform noise (U(0, 1) to within 2⁻¹⁷).
+_NOISE_LEVELS = float(1 << 16)
+
+
+class NoiseForm:
+    """How annealed noise enters the SFAS score. ``scores`` must be elementwise (an entry's
+    score depends on its own value and noise only), so that scoring a subset of the entries
+    gives the same numbers as scoring all of them."""
+
+    #: Whether the scores depend on max F (``peak``, through ``weight``).
+    needs_peak = False
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        """Scores from ``values`` (g if ``squared``, else F) and the noise as floats of the
+        16-bit integers r ∈ [−2¹⁵, 2¹⁵) (U = (r + 2¹⁵ + ½)/2¹⁶); may write into ``noise``.
+        ``scale`` = γ_n > 0; ``weight`` = 2¹⁶ / (γ_n · max F) (0 if max F is 0)."""
+        raise NotImplementedError
+
+    def fisher_floor(self, scale: float, weight: float) -> Callable[[float], float] | None:
+        """``floor(L)``: an F below which an entry scores below every entry with F ≥ L,
+        whatever the noise of either; None where the form has no such bound (then every
+        entry is scored)."""
+        return None
+
+
+class MultiplicativeNoise(NoiseForm):
+    """F·(1 + γ_n·U); 1/max F changes no ranking and is left out."""
+
+    #: Relative rounding slack of the score bound (float32 rounding is ~8 × 2⁻²⁴ at most).
+    _SLACK = 1e-5
+    #: Absolute slack for subnormal F (float32's smallest normal is 1.2e-38).
+    _TINY = 1e-37
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
+        return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
+
+    def fisher_floor(self, scale: float, weight: float) -> Callable[[float], float]:
+        """The factor is ≥ 1 after rounding, so a score is ≥ its F; it is ≤ (1 + γ_n)·F up to
+        float32 rounding: F < L / ((1 + γ_n)(1 + slack)) − tiny scores below L."""
+        return lambda bound: bound / ((1.0 + scale) * (1.0 + self._SLACK)) - self._TINY
+
+
+class AdditiveNoise(NoiseForm):
+    """r + κ·F (see FisherSelection.refresh). The score is within γ_n·max F of F/max F·…, a
+    bound that prunes nothing until γ_n falls below F_(k)/max F, and ``addcmul``'s
+    vectorised and scalar code paths may round differently (FMA contraction), so entries
+    scored apart need not match entries scored in a block: no bound, every entry is scored."""
+
+    needs_peak = True
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        if squared:
+            return noise.addcmul_(values, values, value=weight)
+        return noise.add_(values, alpha=weight)
+
+
+#: SFASConfig.noise → its form.
+NOISE_FORMS: dict[str, NoiseForm] = {"multiplicative": MultiplicativeNoise(),
+                                     "additive": AdditiveNoise()}
+
 BUDGET_MODES = ("union", "strict")
 
 
@@ -82,7 +147,7 @@ class SFASConfig:
         if self.refresh_every < 1:
             raise ValueError(f"SFAS refresh_every must be at least 1, got {self.refresh_every}")
         if self.noise not in NOISE_FORMS:
-            raise ValueError(f"SFAS noise must be one of {NOISE_FORMS}, got {self.noise!r}")
+            raise ValueError(f"SFAS noise must be one of {tuple(NOISE_FORMS)}, got {self.noise!r}")
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"SFAS budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if self.step_fraction is None:
@@ -92,13 +157,13 @@ class SFASConfig:
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
 
-#: Levels of the 16-bit uniform noise (U(0, 1) to within 2⁻¹⁷).
-_NOISE_LEVELS = float(1 << 16)
-
-
 #: Entries per noise chunk (a multiple of 4): each chunk of a tensor has its own generator.
 _NOISE_CHUNK = 1 << 18
 _MASK64 = (1 << 64) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_SIGN_BIT = torch.tensor(_INT64_MIN)
+#: Entries of F sampled per rank to estimate the k-th largest before a pruned selection.
+_FISHER_SAMPLE = 1 << 16
 
 
 def _seed(*entropy: int) -> int:
@@ -141,6 +206,37 @@ def block_noise(base_seed: int, numel: int, start: int, count: int,
     return words.view(torch.int16)[skip:skip + count]
 
 
+def noise_at(base_seed: int, numel: int, positions: torch.Tensor) -> torch.Tensor:
+    """``block_noise(base_seed, numel, 0, numel)[positions]`` (``positions``: sorted flat
+    indices into the full tensor), drawing only the chunks that hold some of them."""
+    device = positions.device
+    if not positions.numel():
+        return torch.empty(0, dtype=torch.int16, device=device)
+    chunks, counts = torch.unique_consecutive(torch.div(positions, _NOISE_CHUNK, rounding_mode="floor"),
+                                              return_counts=True)
+    pieces, at = [], 0
+    for chunk, count in zip(chunks.tolist(), counts.tolist()):
+        within = positions[at:at + count] - chunk * _NOISE_CHUNK
+        at += count
+        n = (min(_NOISE_CHUNK, numel - chunk * _NOISE_CHUNK) + 3) // 4
+        generator = torch.Generator(device=device).manual_seed(_mix(base_seed + chunk))
+        if device.type == "cpu":
+            # random_'s full 64-bit range returns the engine's random64() as is; randint over
+            # [−2⁶³, 2⁶³ − 1) returns random64() mod (2⁶⁴ − 1) − 2⁶³ from the same draws: the
+            # sign bit flipped, and 2⁶⁴ − 1 → −2⁶³. Cheaper (no 64-bit modulo), same words.
+            words = torch.empty(n, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
+            picked = words[within >> 2] ^ _SIGN_BIT
+            picked[picked == _INT64_MAX] = _INT64_MIN
+        else:
+            words = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), dtype=torch.int64,
+                                  generator=generator, device=device)
+            picked = words[within >> 2]
+        # entry j of a chunk is int16 number j of its words (little-endian), as in block_noise
+        halves = (picked >> ((within & 3) * 16)) & 0xFFFF
+        pieces.append((halves - ((halves & 0x8000) << 1)).to(torch.int16))
+    return torch.cat(pieces)
+
+
 class FisherSelection(MaskedUpdate):
     """The SFAS trainer hook: Fisher accumulation, annealed noise, global top-k, masked update.
 
@@ -179,6 +275,9 @@ class FisherSelection(MaskedUpdate):
     def _global_max(self, value: float) -> float:
         return float(distributed.all_reduce([value], "max")[0]) if self.sharded else value
 
+    def _global_min(self, value: float) -> float:
+        return float(distributed.all_reduce([value], "min")[0]) if self.sharded else value
+
     def _global_sum(self, value: int) -> int:
         return int(distributed.all_reduce([float(value)], "sum")[0]) if self.sharded else value
 
@@ -194,11 +293,14 @@ class FisherSelection(MaskedUpdate):
                 step: int) -> None:
         """Select at ``step``. ``source(name)`` gives the gradient (``squared=True``: F = g²)
         or the accumulated Fisher F of one tensor (None: no gradient, F = 0), so only one
-        block's scores exist at a time; ``peak`` is max F over every tensor.
+        block's scores exist at a time; ``peak`` is max F over every tensor (read only by
+        noise forms whose ranking depends on it).
 
         Additive scores are computed as r + κ·F with r the noise as a uniform 16-bit integer
         and κ = 2¹⁶ / (γ_n · max F): an affine, increasing map of F/max F + γ_n·U, so the
-        ranking is the same, at one fused pass over the entries.
+        ranking is the same, at one fused pass over the entries. Where the noise form bounds
+        the score by F (multiplicative), the selection is first tried on the entries that can
+        still make the top k (:meth:`_pruned_top_k`): the same result at a fraction of the cost.
         """
         names = list(self.parameters)
         shards = [local_tensor(self.parameters[n]) for n in names]
@@ -206,54 +308,147 @@ class FisherSelection(MaskedUpdate):
         full_sizes = [self.parameters[n].numel() for n in names]
         starts = [distributed.shard_offset(self.parameters[n]) for n in names]
         scale = self.noise_scale(step)
-        seed = self.config.seed
-        multiplicative = self.config.noise == "multiplicative"
+        form = NOISE_FORMS[self.config.noise]
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
-        def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
-            shard = shards[i]
+        def values_of(i: int) -> torch.Tensor:
             values = source(names[i])
-            values = torch.zeros(shard.numel(), device=shard.device) if values is None \
+            return torch.zeros(sizes[i], device=shards[i].device) if values is None \
                 else values.detach().reshape(-1).float()
+
+        def block_seed(i: int) -> int:
+            return _seed(self.config.seed, step, i, 0)
+
+        def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
+            values = values_of(i)
             if subset is not None:
                 values = values[subset]
             if scale == 0:
                 return values.square() if squared else values.clone()
-            noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i], shard.numel(),
-                                shard.device)
+            noise = block_noise(block_seed(i), full_sizes[i], starts[i], sizes[i], shards[i].device)
             noise = (noise if subset is None else noise[subset]).float()
-            if multiplicative:  # F·(1 + γ_n·U), U = (r + 2¹⁵ + ½)/2¹⁶; 1/max F changes no ranking
-                factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
-                return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
-            if squared:
-                return noise.addcmul_(values, values, value=weight)
-            return noise.add_(values, alpha=weight)
+            return form.scores(values, noise, squared, scale, weight)
+
+        def candidate_scores(i: int, candidates: torch.Tensor) -> torch.Tensor:
+            """``scores(i)[candidates]``, drawing only the noise chunks that hold candidates."""
+            if not candidates.numel():
+                return torch.empty(0, device=candidates.device)
+            values = values_of(i)[candidates]
+            if scale == 0:
+                return values.square() if squared else values.clone()
+            noise = noise_at(block_seed(i), full_sizes[i], candidates + starts[i]).float()
+            return form.scores(values, noise, squared, scale, weight)
 
         if self.sharded:
             offsets = np.cumsum([0] + full_sizes[:-1]).tolist()
             positions = [int(offset) + start for offset, start in zip(offsets, starts)]
 
-            def top_k(block_scores: Callable, block_sizes: list[int], k: int) -> list[torch.Tensor]:
-                return distributed.sharded_top_k(block_scores, block_sizes, positions, k)
+            def top_k(block_scores: Callable, block_sizes: list[int], k: int,
+                      subsets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                return distributed.sharded_top_k(block_scores, block_sizes, positions, k, subsets)
         else:
-            top_k = select_top_k
+            def top_k(block_scores: Callable, block_sizes: list[int], k: int,
+                      subsets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                chosen = select_top_k(block_scores, block_sizes, k)
+                return chosen if subsets is None else [s[c] for s, c in zip(subsets, chosen)]
+
+        def best(k: int) -> list[torch.Tensor]:
+            """The top k of every selectable entry."""
+            floor = form.fisher_floor(scale, weight)
+            chosen = None if floor is None else self._pruned_top_k(
+                values_of, squared, sizes, k, floor, candidate_scores, top_k, step)
+            return top_k(scores, sizes, k) if chosen is None else chosen
+
         k = self.per_step_entries
         if self.cap is None:
-            chosen = top_k(scores, sizes, k)
+            chosen = best(k)
         else:
-            chosen = self._strict_selection(scores, names, sizes, k, top_k)
+            chosen = self._strict_selection(best, scores, names, sizes, k, top_k)
         self.set_selection(dict(zip(names, chosen)))
 
-    def _strict_selection(self, scores: Callable, names: list[str], sizes: list[int],
-                          k: int, top_k: Callable = select_top_k) -> list[torch.Tensor]:
-        """Best k under the cap: top-c outside the union plus top-(k − c) inside it."""
+    def _pruned_top_k(self, values_of: Callable[[int], torch.Tensor], squared: bool,
+                      sizes: list[int], k: int, floor: Callable[[float], float],
+                      candidate_scores: Callable[[int, torch.Tensor], torch.Tensor],
+                      top_k: Callable, step: int) -> list[torch.Tensor] | None:
+        """The exact top k, scoring only entries that can make it; None where the pruning
+        does not apply (then the caller scores every entry).
+
+        1. L, a value that at least k entries' F reach, estimated from a random sample of F
+           (a high quantile of it, so that the check in 3 rarely fails);
+        2. one pass over F keeps the candidates, F ≥ ``floor(L)``: every other entry scores
+           below every entry with F ≥ L (the noise form's bound), so below k entries;
+        3. the check: at least k candidates have F ≥ L (else None);
+        4. noise and scores for the candidates only, and their exact top k — ties broken by
+           position as in the full selection, so the result is the same, entry for entry.
+        NaN Fisher values are candidates, so that the selection rejects them as usual.
+        """
+        total = self._global_sum(sum(sizes))
+        bound = self._sampled_fisher_bound(values_of, squared, sizes, k, total, step)
+        if bound is None:
+            return None
+        threshold = floor(bound)
+        if not threshold > 0:
+            return None
+        candidates, reached = [], []
+        for i in range(len(sizes)):
+            fisher = values_of(i)  # may be the gradient itself: not written to
+            if squared:
+                fisher = fisher * fisher
+            index = torch.lt(fisher, threshold).logical_not_().nonzero().squeeze(1)
+            candidates.append(index)
+            reached.append(fisher[index].cpu())
+            del fisher
+        reaching = int(torch.ge(torch.cat(reached), bound).sum())
+        if self._global_sum(reaching) < k:
+            return None
+        counts = [c.numel() for c in candidates]
+        if self.sharded:
+            return top_k(lambda i: candidate_scores(i, candidates[i]), counts, k, candidates)
+        # One block of every candidate, in (block, index) order: ties break as before.
+        scores = torch.cat([candidate_scores(i, c).cpu() for i, c in enumerate(candidates)])
+        (chosen,) = select_top_k(lambda _: scores, [scores.numel()], k)
+        edges = torch.searchsorted(chosen, torch.tensor(np.cumsum([0] + counts))).tolist()
+        return [c[chosen[lo:hi] - start].to(c.device) for c, lo, hi, start
+                in zip(candidates, edges[:-1], edges[1:], np.cumsum([0] + counts).tolist())]
+
+    def _sampled_fisher_bound(self, values_of: Callable[[int], torch.Tensor], squared: bool,
+                              sizes: list[int], k: int, total: int, step: int) -> float | None:
+        """A value of F that likely ≥ k entries reach (over every rank): the ⌈qm + 4√(qm) + 4⌉-th
+        largest of m ≈ ``_FISHER_SAMPLE`` entries per rank, sampled in proportion to the block
+        sizes, q = k / total (min over ranks); None where the sample is too small to tell."""
+        local = sum(sizes)
+        bound = -math.inf
+        count = min(_FISHER_SAMPLE, local)
+        if count:
+            generator = torch.Generator().manual_seed(_mix(self.config.seed + step))
+            sample = []
+            for i, size in enumerate(sizes):
+                share = round(count * size / local)
+                if share:
+                    values = values_of(i)
+                    picked = values[torch.randint(size, (share,), generator=generator).to(values.device)]
+                    sample.append((picked * picked if squared else picked).cpu())
+            sample = torch.cat(sample)
+            expected = k / max(total, 1) * sample.numel()
+            rank = math.ceil(expected + 4 * math.sqrt(expected) + 4)
+            if rank <= sample.numel():
+                bound = _kth_largest(sample, rank)
+        bound = self._global_min(bound)
+        return None if math.isnan(bound) or bound == -math.inf else bound
+
+    def _strict_selection(self, best: Callable[[int], list[torch.Tensor]], scores: Callable,
+                          names: list[str], sizes: list[int], k: int,
+                          top_k: Callable) -> list[torch.Tensor]:
+        """Best k under the cap: top-c outside the union plus top-(k − c) inside it.
+        ``best(k)``: the unconstrained top k; ``top_k(block_scores, sizes, k)``: that of
+        other scores."""
         room = self.cap - self._global_sum(self.stored_entries())
         if room >= k:
-            return top_k(scores, sizes, k)
+            return best(k)
         moved = [self.moved_mask(n) for n in names]
         minus_inf = float("-inf")
         if room > 0:
-            unconstrained = top_k(scores, sizes, k)
+            unconstrained = best(k)
             outside = self._global_sum(sum(int((~mask[idx]).sum())
                                            for mask, idx in zip(moved, unconstrained)))
             if outside <= room:
@@ -270,17 +465,25 @@ class FisherSelection(MaskedUpdate):
 
     def update_selection(self, trainer: Any, step: int) -> None:
         refresh_now = step % self.config.refresh_every == 0 or not self.selection
+        needs_peak = NOISE_FORMS[self.config.noise].needs_peak
         if self.config.refresh_every == 1:
             if refresh_now:
-                grads = [self._gradient(name) for name in self.parameters]
-                extremes = [torch.aminmax(g.detach()) for g in grads if g is not None and g.numel()]
-                peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes), default=0.0)
-                self.refresh(self._gradient, True, self._global_max(peak), step)
+                peak = 0.0
+                if needs_peak:
+                    grads = [self._gradient(name) for name in self.parameters]
+                    extremes = [torch.aminmax(g.detach()) for g in grads if g is not None and g.numel()]
+                    peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes),
+                               default=0.0)
+                    peak = self._global_max(peak)
+                self.refresh(self._gradient, True, peak, step)
             return
         self._accumulate()
         if refresh_now:
-            peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
-            self.refresh(self._fisher.get, False, self._global_max(peak), step)
+            peak = 0.0
+            if needs_peak:
+                peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
+                peak = self._global_max(peak)
+            self.refresh(self._fisher.get, False, peak, step)
             for accumulated in self._fisher.values():
                 accumulated.zero_()
             self._since_refresh = 0
