@@ -136,21 +136,39 @@ def test_refresh_every_r_accumulates_fisher_between_refreshes():
     assert selected(selection) == {(n, i) for _, n, i in ranked[:20]}
 
 
-def test_masked_adamw_matches_torch_adamw_on_a_full_selection():
+def test_masked_adamw_matches_torch_adamw_on_the_selected_entries():
+    """Two tensors in two optimizer groups (weight decay and none), part of each selected:
+    the selected entries follow torch's AdamW exactly, the others do not move."""
     torch.manual_seed(0)
-    weights = torch.randn(6, 5)
-    ours = torch.nn.Parameter(weights.clone())
-    reference = torch.nn.Parameter(weights.clone())
-    update = MaskedUpdate({"w": ours}, 30)
-    update.set_selection({"w": torch.arange(30)})
-    optimizer = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
-    group = {**optimizer.param_groups[0]}
+    weights = {"w": torch.randn(6, 5), "b": torch.randn(7)}
+    ours = {n: torch.nn.Parameter(w.clone()) for n, w in weights.items()}
+    reference = {n: torch.nn.Parameter(w.clone()) for n, w in weights.items()}
+    chosen = {"w": torch.tensor([0, 3, 4, 17, 29]), "b": torch.tensor([2, 6])}
+    update = MaskedUpdate(ours, 7)
+    update.set_selection(chosen)
+    groups = [{"params": [ours["w"]], "weight_decay": 0.1}, {"params": [ours["b"]], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.01)
+    torch_adamw = torch.optim.AdamW([{"params": [reference["w"]], "weight_decay": 0.1},
+                                     {"params": [reference["b"]], "weight_decay": 0.0}], lr=0.01)
+    trainer = type("T", (), {"optimizer": optimizer})()
     for step in range(5):
-        grad = torch.randn(6, 5)
-        ours.grad, reference.grad = grad.clone(), grad.clone()
-        update._adamw("w", ours, group)
-        optimizer.step()
-        torch.testing.assert_close(ours.data, reference.data, rtol=1e-6, atol=1e-6)
+        for name in weights:
+            grad = torch.randn(weights[name].shape)
+            ours[name].grad, reference[name].grad = grad.clone(), grad.clone()
+        update.on_after_backward(trainer, step)
+        update.on_before_optimizer_step(trainer, step)
+        torch_adamw.step()
+        for name, indices in chosen.items():
+            torch.testing.assert_close(ours[name].data.reshape(-1)[indices],
+                                       reference[name].data.reshape(-1)[indices], rtol=1e-6, atol=1e-6)
+            unselected = torch.ones(weights[name].numel(), dtype=torch.bool)
+            unselected[indices] = False
+            assert torch.equal(ours[name].data.reshape(-1)[unselected],
+                               weights[name].reshape(-1)[unselected])
+            assert ours[name].grad is None
+    assert update.stored_entries() == 7
+    assert {n: v.tolist() for n, v in update.moved_indices().items()} == \
+        {n: v.tolist() for n, v in chosen.items()}
 
 
 def test_state_is_kept_for_staying_entries_and_dropped_for_leaving_ones():
