@@ -407,16 +407,22 @@ def _option_defaults(options: type) -> dict[str, Any]:
 
 def describe_methods(backbone_path: str, budget: float) -> list[dict[str, Any]]:
     """Every method: summary, option defaults, and its parameter report at ``budget`` on the
-    backbone checkpoint ``backbone_path`` (or the reason it cannot reach that budget)."""
+    backbone checkpoint ``backbone_path`` (or the reason it cannot reach that budget).
+
+    The checkpoint is loaded once; each method is applied to a deep copy of it (what loading
+    it again would give, at a fraction of the cost)."""
+    import copy
+
     from weatherpeft.backbones import load_backbone
 
+    loaded = load_backbone(backbone_path)
     rows = []
     for name in method_names():
         spec = get_method(name)
         row: dict[str, Any] = {"name": name, "summary": spec.summary,
                                "options": _option_defaults(spec.options)}
         try:
-            adaptation = apply_method(name, load_backbone(backbone_path), budget)
+            adaptation = apply_method(name, copy.deepcopy(loaded), budget)
             row.update(adaptation.report().as_dict(), resolved=adaptation.resolved)
         except ValueError as error:
             row["error"] = str(error)
