@@ -164,6 +164,9 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _SIGN_BIT = torch.tensor(_INT64_MIN)
 #: Entries of F sampled per rank to estimate the k-th largest before a pruned selection.
 _FISHER_SAMPLE = 1 << 16
+#: Blocks below this many entries are scanned together, in groups of up to _GROUP_ENTRIES.
+_SMALL_BLOCK = 1 << 18
+_GROUP_ENTRIES = 1 << 21
 
 
 def _seed(*entropy: int) -> int:
@@ -209,32 +212,69 @@ def block_noise(base_seed: int, numel: int, start: int, count: int,
 def noise_at(base_seed: int, numel: int, positions: torch.Tensor) -> torch.Tensor:
     """``block_noise(base_seed, numel, 0, numel)[positions]`` (``positions``: sorted flat
     indices into the full tensor), drawing only the chunks that hold some of them."""
+    return _noise_from_words(*_noise_words(base_seed, numel, positions))
+
+
+def _noise_words(base_seed: int, numel: int, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 64-bit words holding the noise at sorted ``positions`` and each position's place
+    in its chunk (for :func:`_noise_from_words`), drawing only the chunks that hold them.
+
+    On CPU the words come from ``random_`` over the full 64-bit range, which returns the
+    engine's random64() as is; ``block_noise``'s randint over [−2⁶³, 2⁶³ − 1) returns
+    random64() mod (2⁶⁴ − 1) − 2⁶³ from the same draws — the same word with its sign bit
+    flipped (and 2⁶⁴ − 1 → −2⁶³), which :func:`_noise_from_words` applies. Cheaper (no
+    64-bit modulo per word), same noise. Elsewhere the words are randint's own.
+    """
     device = positions.device
+    empty = torch.empty(0, dtype=torch.int64, device=device)
     if not positions.numel():
-        return torch.empty(0, dtype=torch.int16, device=device)
+        return empty, empty
     chunks, counts = torch.unique_consecutive(torch.div(positions, _NOISE_CHUNK, rounding_mode="floor"),
                                               return_counts=True)
-    pieces, at = [], 0
+    words, places, at = [], [], 0
     for chunk, count in zip(chunks.tolist(), counts.tolist()):
         within = positions[at:at + count] - chunk * _NOISE_CHUNK
         at += count
         n = (min(_NOISE_CHUNK, numel - chunk * _NOISE_CHUNK) + 3) // 4
         generator = torch.Generator(device=device).manual_seed(_mix(base_seed + chunk))
         if device.type == "cpu":
-            # random_'s full 64-bit range returns the engine's random64() as is; randint over
-            # [−2⁶³, 2⁶³ − 1) returns random64() mod (2⁶⁴ − 1) − 2⁶³ from the same draws: the
-            # sign bit flipped, and 2⁶⁴ − 1 → −2⁶³. Cheaper (no 64-bit modulo), same words.
-            words = torch.empty(n, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
-            picked = words[within >> 2] ^ _SIGN_BIT
-            picked[picked == _INT64_MAX] = _INT64_MIN
+            drawn = torch.empty(n, dtype=torch.int64).random_(_INT64_MIN, None, generator=generator)
         else:
-            words = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), dtype=torch.int64,
+            drawn = torch.randint(_INT64_MIN, _INT64_MAX, (n,), dtype=torch.int64,
                                   generator=generator, device=device)
-            picked = words[within >> 2]
-        # entry j of a chunk is int16 number j of its words (little-endian), as in block_noise
-        halves = (picked >> ((within & 3) * 16)) & 0xFFFF
-        pieces.append((halves - ((halves & 0x8000) << 1)).to(torch.int16))
-    return torch.cat(pieces)
+        words.append(drawn[within >> 2])
+        places.append(within)
+    return torch.cat(words), torch.cat(places)
+
+
+def _noise_from_words(words: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """int16 noise from :func:`_noise_words`' output: entry j of a chunk is int16 number j of
+    its words (little-endian), as in ``block_noise``."""
+    if words.device.type == "cpu":  # random_'s words → randint's (see _noise_words)
+        words = words ^ _SIGN_BIT
+        words[words == _INT64_MAX] = _INT64_MIN
+    halves = (words >> ((places & 3) * 16)) & 0xFFFF
+    return (halves - ((halves & 0x8000) << 1)).to(torch.int16)
+
+
+def _block_groups(sizes: list[int]) -> list[list[int]]:
+    """Consecutive block indices in groups for one pass each: a block of ``_SMALL_BLOCK``
+    entries or more alone, smaller ones together up to ``_GROUP_ENTRIES`` entries (one
+    operation on a concatenation instead of one per small tensor)."""
+    groups: list[list[int]] = []
+    filled = _GROUP_ENTRIES
+    for i, size in enumerate(sizes):
+        if size >= _SMALL_BLOCK:
+            groups.append([i])
+            filled = _GROUP_ENTRIES
+        elif filled + size > _GROUP_ENTRIES:
+            groups.append([i])
+            filled = size
+        else:
+            groups[-1].append(i)
+            filled += size
+    return groups
 
 
 class FisherSelection(MaskedUpdate):
@@ -311,10 +351,15 @@ class FisherSelection(MaskedUpdate):
         form = NOISE_FORMS[self.config.noise]
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
+        raw: dict[int, torch.Tensor | None] = {}
+
         def values_of(i: int) -> torch.Tensor:
-            values = source(names[i])
+            if i not in raw:
+                values = source(names[i])
+                raw[i] = None if values is None else values.detach().reshape(-1)
+            values = raw[i]
             return torch.zeros(sizes[i], device=shards[i].device) if values is None \
-                else values.detach().reshape(-1).float()
+                else values.float()
 
         def block_seed(i: int) -> int:
             return _seed(self.config.seed, step, i, 0)
@@ -329,14 +374,18 @@ class FisherSelection(MaskedUpdate):
             noise = (noise if subset is None else noise[subset]).float()
             return form.scores(values, noise, squared, scale, weight)
 
-        def candidate_scores(i: int, candidates: torch.Tensor) -> torch.Tensor:
-            """``scores(i)[candidates]``, drawing only the noise chunks that hold candidates."""
-            if not candidates.numel():
-                return torch.empty(0, device=candidates.device)
-            values = values_of(i)[candidates]
+        def candidate_scores(blocks: list[int], candidates: list[torch.Tensor]) -> torch.Tensor:
+            """``scores(i)[candidates_i]`` for the ``blocks`` i, concatenated, drawing only the
+            noise chunks that hold candidates."""
+            kept = [(i, c) for i, c in zip(blocks, candidates) if c.numel()]
+            if not kept:
+                return torch.empty(0, device=candidates[0].device if candidates else "cpu")
+            values = torch.cat([values_of(i)[c] for i, c in kept])
             if scale == 0:
                 return values.square() if squared else values.clone()
-            noise = noise_at(block_seed(i), full_sizes[i], candidates + starts[i]).float()
+            drawn = [_noise_words(block_seed(i), full_sizes[i], c + starts[i]) for i, c in kept]
+            noise = _noise_from_words(torch.cat([w for w, _ in drawn]),
+                                      torch.cat([p for _, p in drawn])).float()
             return form.scores(values, noise, squared, scale, weight)
 
         if self.sharded:
@@ -368,7 +417,7 @@ class FisherSelection(MaskedUpdate):
 
     def _pruned_top_k(self, values_of: Callable[[int], torch.Tensor], squared: bool,
                       sizes: list[int], k: int, floor: Callable[[float], float],
-                      candidate_scores: Callable[[int, torch.Tensor], torch.Tensor],
+                      candidate_scores: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
                       top_k: Callable, step: int) -> list[torch.Tensor] | None:
         """The exact top k, scoring only entries that can make it; None where the pruning
         does not apply (then the caller scores every entry).
@@ -382,51 +431,59 @@ class FisherSelection(MaskedUpdate):
            position as in the full selection, so the result is the same, entry for entry.
         NaN Fisher values are candidates, so that the selection rejects them as usual.
         """
+        groups = _block_groups(sizes)
+        flats = [values_of(group[0]) if len(group) == 1 else torch.cat([values_of(i) for i in group])
+                 for group in groups]
         total = self._global_sum(sum(sizes))
-        bound = self._sampled_fisher_bound(values_of, squared, sizes, k, total, step)
+        bound = self._sampled_fisher_bound(flats, squared, k, total, step)
         if bound is None:
             return None
         threshold = floor(bound)
         if not threshold > 0:
             return None
         candidates, reached = [], []
-        for i in range(len(sizes)):
-            fisher = values_of(i)  # may be the gradient itself: not written to
-            if squared:
-                fisher = fisher * fisher
+        for group, flat in zip(groups, flats):
+            fisher = flat * flat if squared else flat  # not written to: may be the gradient
             index = torch.lt(fisher, threshold).logical_not_().nonzero().squeeze(1)
-            candidates.append(index)
             reached.append(fisher[index].cpu())
-            del fisher
+            if len(group) == 1:
+                candidates.append(index)
+                continue
+            offsets = np.cumsum([0] + [sizes[i] for i in group]).tolist()
+            edges = torch.searchsorted(index, torch.tensor(offsets, device=index.device)).tolist()
+            candidates += [index[lo:hi] - offset
+                           for lo, hi, offset in zip(edges[:-1], edges[1:], offsets)]
+        del flats, fisher
         reaching = int(torch.ge(torch.cat(reached), bound).sum())
         if self._global_sum(reaching) < k:
             return None
         counts = [c.numel() for c in candidates]
         if self.sharded:
-            return top_k(lambda i: candidate_scores(i, candidates[i]), counts, k, candidates)
+            return top_k(lambda i: candidate_scores([i], [candidates[i]]), counts, k, candidates)
         # One block of every candidate, in (block, index) order: ties break as before.
-        scores = torch.cat([candidate_scores(i, c).cpu() for i, c in enumerate(candidates)])
+        scores = candidate_scores(list(range(len(candidates))), candidates).cpu()
         (chosen,) = select_top_k(lambda _: scores, [scores.numel()], k)
         edges = torch.searchsorted(chosen, torch.tensor(np.cumsum([0] + counts))).tolist()
-        return [c[chosen[lo:hi] - start].to(c.device) for c, lo, hi, start
+        return [c[(chosen[lo:hi] - start).to(c.device)] for c, lo, hi, start
                 in zip(candidates, edges[:-1], edges[1:], np.cumsum([0] + counts).tolist())]
 
-    def _sampled_fisher_bound(self, values_of: Callable[[int], torch.Tensor], squared: bool,
-                              sizes: list[int], k: int, total: int, step: int) -> float | None:
+    def _sampled_fisher_bound(self, flats: list[torch.Tensor], squared: bool, k: int,
+                              total: int, step: int) -> float | None:
         """A value of F that likely ≥ k entries reach (over every rank): the ⌈qm + 4√(qm) + 4⌉-th
-        largest of m ≈ ``_FISHER_SAMPLE`` entries per rank, sampled in proportion to the block
-        sizes, q = k / total (min over ranks); None where the sample is too small to tell."""
-        local = sum(sizes)
+        largest of m ≈ ``_FISHER_SAMPLE`` entries per rank, sampled in proportion to the sizes of
+        ``flats`` (this rank's values, g or F, in groups of blocks), q = k / total (min over
+        ranks); None where the sample is too small to tell."""
+        local = sum(flat.numel() for flat in flats)
         bound = -math.inf
         count = min(_FISHER_SAMPLE, local)
         if count:
             generator = torch.Generator().manual_seed(_mix(self.config.seed + step))
             sample = []
-            for i, size in enumerate(sizes):
-                share = round(count * size / local)
+            for flat in flats:
+                share = round(count * flat.numel() / local)
                 if share:
-                    values = values_of(i)
-                    picked = values[torch.randint(size, (share,), generator=generator).to(values.device)]
+                    picked = flat[torch.randint(flat.numel(), (share,), generator=generator)
+                                  .to(flat.device)]
                     sample.append((picked * picked if squared else picked).cpu())
             sample = torch.cat(sample)
             expected = k / max(total, 1) * sample.numel()
