@@ -162,6 +162,7 @@ def optimizer_state_bytes(optimizer, masked_updates) -> dict[str, int]:
     adamw = sum(_tensor_bytes(state) for state in optimizer.state.values())
     masked = selection = 0
     for update in masked_updates:
+        update.stored_entries()  # brings the moved masks up to date
         for bucket in update.buckets():
             masked += _tensor_bytes([bucket.indices, bucket.positions, bucket.exp_avg,
                                      bucket.exp_avg_sq, bucket.steps, bucket.pending])
