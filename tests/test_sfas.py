@@ -254,3 +254,11 @@ def test_pruned_selection_is_the_full_selection_entry_for_entry(monkeypatch, opt
             for name in pruned:
                 assert torch.equal(pruned[name], full[name]), (seed, step, name)
     assert sum(pruned_runs) >= len(pruned_runs) // 2 > 0  # the pruned path did the selecting
+
+
+def test_block_groups_cover_every_block_once_in_order():
+    sizes = [0, 5, 1 << 19, 0, 3, 1 << 20, 1 << 20, 7, 0]
+    groups = sfas._block_groups(sizes)
+    assert [i for group in groups for i in group] == list(range(len(sizes)))
+    assert all(len(group) == 1 for group in groups if any(sizes[i] >= sfas._SMALL_BLOCK for i in group))
+    assert all(sum(sizes[i] for i in group) <= sfas._GROUP_ENTRIES for group in groups)

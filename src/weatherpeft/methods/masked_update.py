@@ -140,6 +140,7 @@ class MaskedUpdate:
         self._exp_avg_sq: dict[str, torch.Tensor] = {}
         self._steps: dict[str, torch.Tensor] = {}
         self._buckets: list[_Bucket] | None = None
+        self._sharded: bool | None = None
         self._unflushed = False  # an update ran since the moved masks were last brought up to date
         self._selections_made = 0
         self._selections_checked = 0
@@ -172,7 +173,9 @@ class MaskedUpdate:
     @property
     def sharded(self) -> bool:
         """Whether the parameters are FSDP shards (DTensors)."""
-        return any(distributed.is_dtensor(p) for p in self.parameters.values())
+        if self._sharded is None:
+            self._sharded = any(distributed.is_dtensor(p) for p in self.parameters.values())
+        return self._sharded
 
     def rebind_parameters(self, mapping: Mapping[int, torch.nn.Parameter]) -> None:
         """Follow parameters that FSDP replaced (``mapping``: id(old) → new); refuse shards
@@ -183,6 +186,7 @@ class MaskedUpdate:
                              "support strategy='fsdp'; use strategy='ddp'")
         state = self.state_dict() if self.selection else None
         self.parameters = rebound
+        self._sharded = None
         self._buckets = None  # lay out the new (local) tensors
         if state is not None:
             self.load_state_dict(state)

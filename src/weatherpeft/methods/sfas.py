@@ -230,10 +230,14 @@ def _noise_words(base_seed: int, numel: int, positions: torch.Tensor
     empty = torch.empty(0, dtype=torch.int64, device=device)
     if not positions.numel():
         return empty, empty
-    chunks, counts = torch.unique_consecutive(torch.div(positions, _NOISE_CHUNK, rounding_mode="floor"),
-                                              return_counts=True)
+    if numel <= _NOISE_CHUNK:  # one chunk
+        chunks, counts = [0], [positions.numel()]
+    else:
+        chunks, counts = torch.unique_consecutive(
+            torch.div(positions, _NOISE_CHUNK, rounding_mode="floor"), return_counts=True)
+        chunks, counts = chunks.tolist(), counts.tolist()
     words, places, at = [], [], 0
-    for chunk, count in zip(chunks.tolist(), counts.tolist()):
+    for chunk, count in zip(chunks, counts):
         within = positions[at:at + count] - chunk * _NOISE_CHUNK
         at += count
         n = (min(_NOISE_CHUNK, numel - chunk * _NOISE_CHUNK) + 3) // 4
@@ -245,6 +249,8 @@ def _noise_words(base_seed: int, numel: int, positions: torch.Tensor
                                   generator=generator, device=device)
         words.append(drawn[within >> 2])
         places.append(within)
+    if len(words) == 1:
+        return words[0], places[0]
     return torch.cat(words), torch.cat(places)
 
 
@@ -263,11 +269,11 @@ def _block_groups(sizes: list[int]) -> list[list[int]]:
     entries or more alone, smaller ones together up to ``_GROUP_ENTRIES`` entries (one
     operation on a concatenation instead of one per small tensor)."""
     groups: list[list[int]] = []
-    filled = _GROUP_ENTRIES
+    filled = math.inf  # entries in the last group, inf when it takes no more
     for i, size in enumerate(sizes):
         if size >= _SMALL_BLOCK:
             groups.append([i])
-            filled = _GROUP_ENTRIES
+            filled = math.inf
         elif filled + size > _GROUP_ENTRIES:
             groups.append([i])
             filled = size
@@ -300,7 +306,7 @@ class FisherSelection(MaskedUpdate):
 
     def _gradient(self, name: str) -> torch.Tensor | None:
         grad = self.parameters[name].grad
-        return None if grad is None else local_tensor(grad)
+        return grad if grad is None or not self.sharded else local_tensor(grad)
 
     def _accumulate(self) -> None:
         for name in self.parameters:
@@ -343,10 +349,11 @@ class FisherSelection(MaskedUpdate):
         still make the top k (:meth:`_pruned_top_k`): the same result at a fraction of the cost.
         """
         names = list(self.parameters)
-        shards = [local_tensor(self.parameters[n]) for n in names]
+        sharded = self.sharded
+        shards = [local_tensor(p) if sharded else p for p in self.parameters.values()]
         sizes = [t.numel() for t in shards]
         full_sizes = [self.parameters[n].numel() for n in names]
-        starts = [distributed.shard_offset(self.parameters[n]) for n in names]
+        starts = [distributed.shard_offset(self.parameters[n]) if sharded else 0 for n in names]
         scale = self.noise_scale(step)
         form = NOISE_FORMS[self.config.noise]
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
@@ -388,7 +395,7 @@ class FisherSelection(MaskedUpdate):
                                       torch.cat([p for _, p in drawn])).float()
             return form.scores(values, noise, squared, scale, weight)
 
-        if self.sharded:
+        if sharded:
             offsets = np.cumsum([0] + full_sizes[:-1]).tolist()
             positions = [int(offset) + start for offset, start in zip(offsets, starts)]
 
