@@ -264,6 +264,15 @@ def _noise_from_words(words: torch.Tensor, places: torch.Tensor) -> torch.Tensor
     return (halves - ((halves & 0x8000) << 1)).to(torch.int16)
 
 
+def _not_below(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat indices of the entries of 1-D ``values`` that are not below ``threshold`` (NaN
+    included). On CPU through numpy: ~1 ns per entry against ~12 for torch's comparison with a
+    Python scalar and ``nonzero`` on one thread."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(~(values.numpy() < np.float32(threshold))))
+    return torch.lt(values, threshold).logical_not_().nonzero().squeeze(1)
+
+
 def _block_groups(sizes: list[int]) -> list[list[int]]:
     """Consecutive block indices in groups for one pass each: a block of ``_SMALL_BLOCK``
     entries or more alone, smaller ones together up to ``_GROUP_ENTRIES`` entries (one
@@ -451,7 +460,7 @@ class FisherSelection(MaskedUpdate):
         candidates, reached = [], []
         for group, flat in zip(groups, flats):
             fisher = flat * flat if squared else flat  # not written to: may be the gradient
-            index = torch.lt(fisher, threshold).logical_not_().nonzero().squeeze(1)
+            index = _not_below(fisher, threshold)
             reached.append(fisher[index].cpu())
             if len(group) == 1:
                 candidates.append(index)
