@@ -70,8 +70,9 @@ CASES = [
 ]
 #: Short names accepted by --cases (the paper's method names).
 ALIASES = {"sfas": "sfas R=1", "weatherpeft": "weatherpeft R=1"}
-#: MaskedUpdate attributes that are optimizer state (per selected entry); every other tensor
-#: an update holds, except the parameters themselves, is selection bookkeeping.
+#: MaskedUpdate attributes that are per-tensor views of its buckets' fused state (counted
+#: once, through the buckets); every other tensor an update holds, except the parameters
+#: themselves, is selection bookkeeping.
 MASKED_OPTIMIZER_STATE = ("selection", "_exp_avg", "_exp_avg_sq", "_steps")
 
 
@@ -102,8 +103,9 @@ def _backbone(name: str):
     return backbone
 
 
-def _batch(backbone):
-    """(input, target) at 32 × 64, batch 1, history 2, fields at their normalisation scale."""
+def _batch(backbone, height: int = 32, width: int = 64):
+    """(input, target) at ``height`` × ``width`` (default 32 × 64), batch 1, history 2, fields
+    at their normalisation scale."""
     import torch
     from aurora import Batch, Metadata
 
@@ -111,7 +113,7 @@ def _batch(backbone):
 
     generator = torch.Generator().manual_seed(1)
     stats = backbone.stats
-    grid = equiangular_grid(64, 32)
+    grid = equiangular_grid(width, height)
     lat = torch.as_tensor(grid.lat, dtype=torch.float32).flip(0)
     lon = torch.as_tensor(grid.lon, dtype=torch.float32)
     levels = tuple(backbone.levels)
@@ -121,9 +123,9 @@ def _batch(backbone):
         return stats.locations[key] + stats.scales[key] * torch.randn(*shape, generator=generator)
 
     def batch(time_index):
-        surf = {v: field(v, 1, 2, 32, 64) for v in config["surf_vars"]}
-        static = {v: field(v, 32, 64) for v in config["static_vars"]}
-        atmos = {v: torch.stack([field(f"{v}_{level}", 1, 2, 32, 64) for level in levels], dim=2)
+        surf = {v: field(v, 1, 2, height, width) for v in config["surf_vars"]}
+        static = {v: field(v, height, width) for v in config["static_vars"]}
+        atmos = {v: torch.stack([field(f"{v}_{level}", 1, 2, height, width) for level in levels], dim=2)
                  for v in config["atmos_vars"]}
         from datetime import datetime, timedelta
         metadata = Metadata(lat=lat, lon=lon, time=(datetime(2003, 1, 1) + timedelta(hours=6 * time_index),),
@@ -153,18 +155,20 @@ def _tensor_bytes(value) -> int:
 
 def optimizer_state_bytes(optimizer, masked_updates) -> dict[str, int]:
     """Bytes of training state beyond the weights: ``adamw`` (torch AdamW's state tensors:
-    exp_avg, exp_avg_sq, step), ``masked`` (every MaskedUpdate's per-entry optimizer state:
-    selected indices, exp_avg, exp_avg_sq, step counts) and ``selection`` (the updates' other
-    tensors: "moved" masks, SFAS's Fisher accumulators; their parameters excluded)."""
+    exp_avg, exp_avg_sq, step), ``masked`` (every MaskedUpdate's per-selected-entry state:
+    indices, positions, exp_avg, exp_avg_sq, step counts, changed flags) and ``selection``
+    (the updates' other tensors: the one-byte-per-entry "moved" masks, SFAS's Fisher
+    accumulators; their parameters excluded)."""
     adamw = sum(_tensor_bytes(state) for state in optimizer.state.values())
     masked = selection = 0
     for update in masked_updates:
+        update.stored_entries()  # brings the moved masks up to date
+        for bucket in update.buckets():
+            masked += _tensor_bytes([bucket.indices, bucket.positions, bucket.exp_avg,
+                                     bucket.exp_avg_sq, bucket.steps, bucket.pending])
+            selection += _tensor_bytes(bucket.moved_mask)
         for name, value in vars(update).items():
-            if name == "parameters":
-                continue
-            if name in MASKED_OPTIMIZER_STATE:
-                masked += _tensor_bytes(value)
-            else:
+            if name not in ("parameters", *MASKED_OPTIMIZER_STATE):  # views of the buckets'
                 selection += _tensor_bytes(value)
     return {"adamw": adamw, "masked": masked, "selection": selection}
 
@@ -254,6 +258,19 @@ def worker(backbone_name: str, label: str, steps: int, warmup: int) -> dict:
     adaptation.eval()
     adapted_times, reference_times = _time_paired(adaptation, reference, inputs, warmup + steps)
     adapted_ratio = _paired_ratio(adapted_times, reference_times, warmup)
+    # The extra tokens alone: a frozen copy with as many zero prompt tokens at every site.
+    zero_ratio = None
+    tokens = adaptation.prompt_tokens()
+    if tokens:
+        from weatherpeft.methods.prompts import PromptInjector
+
+        zeros = {site: torch.zeros(sum(t.shape[0] for t in parts), parts[0].shape[1])
+                 for site, parts in tokens.items()}
+        padded = _backbone(backbone_name).eval()
+        PromptInjector(padded, lambda: zeros).attach()
+        zero_times, zero_reference = _time_paired(padded, reference, inputs, warmup + steps)
+        zero_ratio = _paired_ratio(zero_times, zero_reference, warmup)
+        del padded
     # Deployment: the merged model as adapters.save_merged writes it and load_merged reads it.
     merged_times, merged_ratio, merged_bytes, merge_error = None, None, None, None
     with tempfile.TemporaryDirectory() as folder:
@@ -287,6 +304,8 @@ def worker(backbone_name: str, label: str, steps: int, warmup: int) -> dict:
         "adapted_eval_s": statistics.median(adapted_times[warmup:]),
         "merged_eval_s": statistics.median(merged_times[warmup:]) if merged_times else None,
         "adapted_over_frozen": adapted_ratio, "merged_over_frozen": merged_ratio,
+        "zero_prompts_over_frozen": zero_ratio,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "merge_error": merge_error,
         "error": None,
     }
@@ -342,6 +361,12 @@ def _ratio(value, reference) -> str:
     return "" if value is None or not reference else _fixed(value / reference)
 
 
+def _load(r: dict) -> str:
+    """The 1-minute load average(s) when the case's rounds finished."""
+    loads = r.get("load_averages") or []
+    return " / ".join(f"{x[0]:.1f}" for x in loads)
+
+
 def _note(r: dict) -> str:
     notes = []
     if r.get("error"):
@@ -370,11 +395,11 @@ def _markdown_tables(rows: list[dict]) -> str:
                   "| case | trainable | step s | × full | refresh s | refresh / step | set-up s | "
                   "peak RSS MiB | growth MiB | × full | optimizer state bytes | × full | "
                   "selection state bytes | adapter bytes | / checkpoint | eval cached × frozen | "
-                  "eval merged × frozen | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "eval zero prompts × frozen | eval merged × frozen | load | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             if r.get("error"):
-                lines.append(f"| {r['case']} |" + " — |" * 16 + f" {_note(r)} |")
+                lines.append(f"| {r['case']} |" + " — |" * 18 + f" {_note(r)} |")
                 continue
             refresh = "" if r["refresh_s"] is None else f"{r['refresh_s']:.3f}"
             per_step = "" if r["refresh_s"] is None else f"{r['refresh_s'] / r['step_s']:.2f}"
@@ -389,8 +414,8 @@ def _markdown_tables(rows: list[dict]) -> str:
                 f"{_ratio(r['optimizer_state_bytes'], full and full['optimizer_state_bytes'])} | "
                 f"{selection} | {r['adapter_bytes']:,} | "
                 f"{r['adapter_bytes'] / r['checkpoint_bytes']:.2%} | "
-                f"{_fixed(r['adapted_over_frozen'])} | {_fixed(r['merged_over_frozen']) or '—'} | "
-                f"{_note(r)} |")
+                f"{_fixed(r['adapted_over_frozen'])} | {_fixed(r.get('zero_prompts_over_frozen'))} | "
+                f"{_fixed(r['merged_over_frozen']) or '—'} | {_load(r)} | {_note(r)} |")
     return "\n".join(lines)
 
 
@@ -411,8 +436,12 @@ for the "moved" set the adapter file needs; SFAS's Fisher accumulators when R > 
 backbone's `model.safetensors`. *eval cached × frozen* — eval forward of the adapted model
 (adapters live, prompts cached) over that of a fresh frozen copy of the backbone, the two
 timed in alternation in the same process after training (median of the paired ratios);
+*eval zero prompts × frozen* — a frozen copy with as many zero prompt tokens injected at
+every site as the method prepends, over the frozen model: what the extra tokens cost by
+themselves (the part of *eval cached* no implementation of prompting can avoid).
 *eval merged × frozen* — the same for the deployed model (`adapters.save_merged` →
-`load_merged`: trained weights folded in, fixed prompt tokens)."""
+`load_merged`: trained weights folded in, fixed prompt tokens). *load* — the 1-minute load
+average of the machine when each round of the case finished."""
 
 
 def _machine() -> dict:
@@ -471,6 +500,7 @@ def _combine(runs: list[dict]) -> dict:
         elif key in ("peak_rss_bytes", "rss_growth_bytes") and values:
             merged[key] = round(statistics.median(values))
     merged["rounds"] = len(runs)
+    merged["load_averages"] = [r["load_average"] for r in runs if r.get("load_average")]
     return merged
 
 

@@ -38,8 +38,9 @@ def test_optimizer_state_counts_adamw_and_the_masked_updates_per_entry_state(ben
                          for t in s.values() if isinstance(t, torch.Tensor))
     assert expected_adamw >= 2 * 20 * 4  # exp_avg, exp_avg_sq (and the step tensor)
     assert state["adamw"] == expected_adamw
-    # int64 indices + float32 exp_avg, exp_avg_sq and step counts of the 3 selected entries
-    assert state["masked"] == 3 * 8 + 3 * 4 * 3
+    # int64 indices and positions, float32 exp_avg, exp_avg_sq and step counts, a one-byte
+    # changed flag, for each of the 3 selected entries
+    assert state["masked"] == 3 * (8 + 8 + 4 * 3 + 1)
     assert state["selection"] == 10  # the one-byte "moved" mask; the parameter is not counted
 
 
@@ -79,7 +80,7 @@ def test_markdown_has_ratios_against_full_and_says_why_rows_are_missing(bench):
     sfas = next(line for line in lines if line.startswith("| sfas R=1 |")).split(" | ")
     assert sfas[2:7] == ["0.150", "1.50", "0.050", "0.33", ""]
     assert sfas[8:12] == ["50", "0.50", "48,000", "0.001"]
-    assert sfas[12:17] == ["6,000,000", "240,000", "1.00%", "1.02", "0.99"]
+    assert sfas[12:18] == ["6,000,000", "240,000", "1.00%", "1.02", "", "0.99"]
     assert "not mergeable" in next(line for line in lines if line.startswith("| adaptformer |"))
     assert "BudgetError: too small" in next(line for line in lines if line.startswith("| ssf |"))
     meta = {"started": "2000-01-01 00:00", "finished": "2000-01-01 00:01", "wall_s": 60.0,

@@ -107,3 +107,24 @@ def test_finetune_and_evaluate_a_downstream_task_with_maps(tmp_path, capsys):
     assert main(["evaluate", "--adapter", str(run / "adapter"), "--out", str(out),
                  "--map-variable", "nonsense"]) == 2
     assert "not predicted" in capsys.readouterr().err
+
+
+def test_methods_lists_the_sizes_that_applying_each_method_gives():
+    """``weatherpeft methods`` builds one backbone and sizes every method on copies of it: the
+    numbers are those of applying each method to a freshly loaded backbone."""
+    from weatherpeft.backbones import load_backbone
+    from conftest import PRETRAINED_TINY
+    from weatherpeft.methods.base import apply_method, describe_methods
+
+    rows = describe_methods(str(PRETRAINED_TINY), 0.003)
+    assert len(rows) >= 10
+    for row in rows:
+        try:
+            adaptation = apply_method(row["name"], load_backbone(PRETRAINED_TINY), 0.003)
+        except ValueError as error:
+            assert row["error"] == str(error), row["name"]
+            continue
+        assert "error" not in row, row["name"]
+        assert {k: row[k] for k in adaptation.report().as_dict()} == adaptation.report().as_dict(), \
+            row["name"]
+        assert row["resolved"] == adaptation.resolved, row["name"]

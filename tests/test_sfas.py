@@ -8,7 +8,8 @@ import torch
 from conftest import load_pretrained_tiny
 from weatherpeft.methods.base import apply_method, budget_entries
 from weatherpeft.methods.masked_update import MaskedUpdate
-from weatherpeft.methods.sfas import FisherSelection, SFASConfig
+from weatherpeft.methods import sfas
+from weatherpeft.methods.sfas import FisherSelection, SFASConfig, block_noise, noise_at
 from weatherpeft.train import TrainConfig, Trainer
 
 
@@ -135,21 +136,39 @@ def test_refresh_every_r_accumulates_fisher_between_refreshes():
     assert selected(selection) == {(n, i) for _, n, i in ranked[:20]}
 
 
-def test_masked_adamw_matches_torch_adamw_on_a_full_selection():
+def test_masked_adamw_matches_torch_adamw_on_the_selected_entries():
+    """Two tensors in two optimizer groups (weight decay and none), part of each selected:
+    the selected entries follow torch's AdamW exactly, the others do not move."""
     torch.manual_seed(0)
-    weights = torch.randn(6, 5)
-    ours = torch.nn.Parameter(weights.clone())
-    reference = torch.nn.Parameter(weights.clone())
-    update = MaskedUpdate({"w": ours}, 30)
-    update.set_selection({"w": torch.arange(30)})
-    optimizer = torch.optim.AdamW([reference], lr=0.01, weight_decay=0.1)
-    group = {**optimizer.param_groups[0]}
+    weights = {"w": torch.randn(6, 5), "b": torch.randn(7)}
+    ours = {n: torch.nn.Parameter(w.clone()) for n, w in weights.items()}
+    reference = {n: torch.nn.Parameter(w.clone()) for n, w in weights.items()}
+    chosen = {"w": torch.tensor([0, 3, 4, 17, 29]), "b": torch.tensor([2, 6])}
+    update = MaskedUpdate(ours, 7)
+    update.set_selection(chosen)
+    groups = [{"params": [ours["w"]], "weight_decay": 0.1}, {"params": [ours["b"]], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.01)
+    torch_adamw = torch.optim.AdamW([{"params": [reference["w"]], "weight_decay": 0.1},
+                                     {"params": [reference["b"]], "weight_decay": 0.0}], lr=0.01)
+    trainer = type("T", (), {"optimizer": optimizer})()
     for step in range(5):
-        grad = torch.randn(6, 5)
-        ours.grad, reference.grad = grad.clone(), grad.clone()
-        update._adamw("w", ours, group)
-        optimizer.step()
-        torch.testing.assert_close(ours.data, reference.data, rtol=1e-6, atol=1e-6)
+        for name in weights:
+            grad = torch.randn(weights[name].shape)
+            ours[name].grad, reference[name].grad = grad.clone(), grad.clone()
+        update.on_after_backward(trainer, step)
+        update.on_before_optimizer_step(trainer, step)
+        torch_adamw.step()
+        for name, indices in chosen.items():
+            torch.testing.assert_close(ours[name].data.reshape(-1)[indices],
+                                       reference[name].data.reshape(-1)[indices], rtol=1e-6, atol=1e-6)
+            unselected = torch.ones(weights[name].numel(), dtype=torch.bool)
+            unselected[indices] = False
+            assert torch.equal(ours[name].data.reshape(-1)[unselected],
+                               weights[name].reshape(-1)[unselected])
+            assert ours[name].grad is None
+    assert update.stored_entries() == 7
+    assert {n: v.tolist() for n, v in update.moved_indices().items()} == \
+        {n: v.tolist() for n, v in chosen.items()}
 
 
 def test_state_is_kept_for_staying_entries_and_dropped_for_leaving_ones():
@@ -169,3 +188,77 @@ def test_bad_options_are_named():
         SFASConfig(budget_mode="sometimes")
     with pytest.raises(ValueError, match="no option"):
         apply_method("sfas", load_pretrained_tiny(), 0.003, {"gama": 0.1})
+
+
+def test_noise_at_positions_is_the_block_noise_there(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    for chunk in (sfas._NOISE_CHUNK, 64):
+        monkeypatch.setattr(sfas, "_NOISE_CHUNK", chunk)
+        numel = 1000 if chunk == 64 else 600_001
+        full = block_noise(11, numel, 0, numel)
+        positions = torch.randint(numel, (3000,), generator=generator).unique()
+        assert torch.equal(noise_at(11, numel, positions), full[positions])
+        assert torch.equal(noise_at(11, numel, torch.tensor([0, numel - 1])), full[[0, -1]])
+        assert noise_at(11, numel, torch.empty(0, dtype=torch.long)).numel() == 0
+
+
+def heavy_tailed_model(seed: int) -> dict[str, torch.nn.Parameter]:
+    """Tensors of many sizes (some below one noise chunk, one across three) with gradients of
+    heavy tails, ties (zeros) and one tensor without a gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    parameters = {}
+    for index, shape in enumerate([(300, 200), (7,), (64, 64, 3), (1024,), (700_000,), (50,)]):
+        parameter = torch.nn.Parameter(torch.zeros(shape))
+        if index != 5:
+            grad = torch.randn(shape, generator=generator) ** 3
+            grad[torch.rand(shape, generator=generator) < 0.1] = 0.0
+            parameter.grad = grad
+        parameters[f"p{index}"] = parameter
+    return parameters
+
+
+@pytest.mark.parametrize("options", [{}, {"budget_mode": "strict"}, {"refresh_every": 3},
+                                     {"gamma": 1.5, "budget_mode": "strict", "step_fraction": 0.7}])
+def test_pruned_selection_is_the_full_selection_entry_for_entry(monkeypatch, options):
+    """The refresh that scores only entries able to make the top k selects exactly what
+    scoring every entry selects (today's implementation), step after step."""
+    pruned_runs = []
+    original = FisherSelection._pruned_top_k
+
+    def spy(self, *args, **kwargs):
+        chosen = original(self, *args, **kwargs)
+        pruned_runs.append(chosen is not None)
+        return chosen
+
+    for seed in range(3):
+        runs = []
+        for prune in (True, False):
+            monkeypatch.setattr(FisherSelection, "_pruned_top_k",
+                                spy if prune else lambda self, *args, **kwargs: None)
+            parameters = heavy_tailed_model(seed)
+            selection = make_selection(parameters, 3000, total_steps=8, seed=seed, **options)
+            generator = torch.Generator().manual_seed(100 + seed)
+            steps = []
+            for step in range(8):
+                selection.update_selection(None, step)
+                steps.append({n: v.clone() for n, v in selection.selection.items()})
+                for name, indices in selection.selection.items():
+                    selection.mark_moved(name, indices[::2])  # as if half of them moved
+                for parameter in parameters.values():
+                    if parameter.grad is not None:
+                        parameter.grad = parameter.grad * torch.exp(
+                            torch.randn(parameter.shape, generator=generator))
+            runs.append(steps)
+        for step, (pruned, full) in enumerate(zip(*runs)):
+            assert pruned.keys() == full.keys()
+            for name in pruned:
+                assert torch.equal(pruned[name], full[name]), (seed, step, name)
+    assert sum(pruned_runs) >= len(pruned_runs) // 2 > 0  # the pruned path did the selecting
+
+
+def test_block_groups_cover_every_block_once_in_order():
+    sizes = [0, 5, 1 << 19, 0, 3, 1 << 20, 1 << 20, 7, 0]
+    groups = sfas._block_groups(sizes)
+    assert [i for group in groups for i in group] == list(range(len(sizes)))
+    assert all(len(group) == 1 for group in groups if any(sizes[i] >= sfas._SMALL_BLOCK for i in group))
+    assert all(sum(sizes[i] for i in group) <= sfas._GROUP_ENTRIES for group in groups)

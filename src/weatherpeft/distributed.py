@@ -230,7 +230,8 @@ def shard_offset(tensor: torch.Tensor) -> int:
 
 
 def sharded_top_k(scores: Callable[[int], torch.Tensor], local_sizes: Sequence[int],
-                  positions: Sequence[int], k: int) -> list[torch.Tensor]:
+                  positions: Sequence[int], k: int,
+                  subsets: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Local flat indices (one sorted int64 tensor per local block) of this rank's part of the
     exact global top k over every rank's scores.
 
@@ -243,6 +244,10 @@ def sharded_top_k(scores: Callable[[int], torch.Tensor], local_sizes: Sequence[i
     what :func:`select_top_k` gives on the concatenated, unsharded scores. Collective: every
     rank must call it with the same k. Communication: one all-gather of k + 1 (score,
     position) pairs per rank. Errors on one rank (NaN scores, k too large) are raised on all.
+
+    ``subsets``: block i's scores are those of the entries ``subsets[i]`` (sorted flat indices
+    into this rank's part; ``local_sizes[i]`` is then their count) — the others are known not
+    to make the top k; the result is still flat indices into the parts.
     """
     from weatherpeft.methods.selection import select_top_k_scored
 
@@ -254,6 +259,8 @@ def sharded_top_k(scores: Callable[[int], torch.Tensor], local_sizes: Sequence[i
     candidate_positions = torch.empty(0, dtype=torch.int64)
     try:
         chosen, values = select_top_k_scored(scores, local_sizes, min(k, local_total))
+        if subsets is not None:
+            chosen = [subset[picked] for subset, picked in zip(subsets, chosen)]
         device = chosen[0].device if chosen else torch.device("cpu")
         candidate_values = torch.cat([v.to(device) for v in values]) if values else \
             torch.empty(0, device=device)

@@ -18,6 +18,14 @@ selection loses its state; one that (re-)enters starts fresh, as a newly trained
 The union of entries that ever changed is tracked (one byte per entry) — it is what an
 adapter file must store.
 
+Layout. The tensors of one device and dtype form a *bucket*: their selected entries are
+fused into flat buffers in parameter order (indices, moments, step counts), so AdamW runs
+as a dozen whole-buffer operations whatever the number of tensors; per tensor there remain
+one gather of the gradient, one of the weights and one scatter back (and, in
+``on_after_backward``, the masking of its gradient). The "moved" masks of a bucket are one
+flat byte buffer. Per selected entry: 8 bytes of index and 8 of position, 2 × the weight's
+bytes of moments, 4 of step count and 1 moved flag; per selectable entry: 1 byte.
+
 Distributed training. Under DDP every rank holds full tensors and identical (all-reduced)
 gradients, so every rank computes the same selection and update; with
 ``WEATHERPEFT_CHECK_MASKS=1`` (or ``check_masks = True``) a cheap checksum of every new
@@ -34,6 +42,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from weatherpeft import distributed
@@ -43,6 +52,60 @@ __all__ = ["MaskedUpdate"]
 
 #: Environment switch for the cross-rank selection check (see the module doc).
 CHECK_MASKS_ENV = "WEATHERPEFT_CHECK_MASKS"
+
+
+class _Bucket:
+    """The selected entries of the tensors of one device and dtype, fused in parameter order.
+
+    ``offsets[j]``: where tensor j starts in the bucket's virtual concatenation;
+    ``positions``: the selected entries' places in it (sorted, so per-tensor slices are the
+    tensors' selections); ``counts[j]``: entries selected in tensor j.
+    """
+
+    def __init__(self, names: list[str], sizes: list[int], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.names, self.sizes, self.device, self.dtype = names, sizes, device, dtype
+        self.offsets = [0]
+        for size in sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + size)
+        self.total = sum(sizes)
+        self.counts = [0] * len(names)
+        self.indices = torch.empty(0, dtype=torch.long, device=device)
+        self.positions = torch.empty(0, dtype=torch.long, device=device)
+        self.exp_avg = torch.empty(0, dtype=dtype, device=device)
+        self.exp_avg_sq = torch.empty(0, dtype=dtype, device=device)
+        self.steps = torch.empty(0, dtype=torch.float32, device=device)
+        #: Selected entries that changed since the last flush into ``moved_mask``.
+        self.pending = torch.empty(0, dtype=torch.bool, device=device)
+        #: One flag per entry of every tensor: changed so far (allocated at first use).
+        self.moved_mask: torch.Tensor | None = None
+        self.moved_count = 0
+
+    def slices(self):
+        """(name, start, end) of each tensor's part of the fused buffers."""
+        start = 0
+        for name, count in zip(self.names, self.counts):
+            yield name, start, start + count
+            start += count
+
+    def mask(self) -> torch.Tensor:
+        if self.moved_mask is None:
+            self.moved_mask = torch.zeros(self.total, dtype=torch.bool, device=self.device)
+        return self.moved_mask
+
+    def mark(self, positions: torch.Tensor) -> None:
+        """Record entries at bucket ``positions`` as changed."""
+        if not positions.numel():
+            return
+        mask = self.mask()
+        self.moved_count += int((~mask[positions]).sum())
+        mask[positions] = True
+
+    def flush(self) -> None:
+        """Move the pending changed flags of the selected entries into the moved mask."""
+        if self.pending.numel() and bool(self.pending.any()):
+            self.mark(self.positions[self.pending])
+        self.pending.zero_()
 
 
 class MaskedUpdate:
@@ -70,22 +133,49 @@ class MaskedUpdate:
                              f"{total} selectable entries")
         self.parameters = dict(parameters)
         self.per_step_entries = int(per_step_entries)
-        #: name → sorted flat indices of the currently selected entries.
+        #: name → sorted flat indices of the currently selected entries (views of the buckets').
         self.selection: dict[str, torch.Tensor] = {}
+        #: name → that tensor's part of the fused moments and step counts (views).
         self._exp_avg: dict[str, torch.Tensor] = {}
         self._exp_avg_sq: dict[str, torch.Tensor] = {}
         self._steps: dict[str, torch.Tensor] = {}
-        self._moved: dict[str, torch.Tensor] = {}
-        self._moved_count: dict[str, int] = {}
+        self._buckets: list[_Bucket] | None = None
+        self._sharded: bool | None = None
+        self._unflushed = False  # an update ran since the moved masks were last brought up to date
         self._selections_made = 0
         self._selections_checked = 0
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def buckets(self) -> list[_Bucket]:
+        """The tensors grouped by device and dtype (built at first use, after any rebinding)."""
+        if self._buckets is None:
+            groups: dict[tuple, list[str]] = {}
+            for name, parameter in self.parameters.items():
+                local = local_tensor(parameter)
+                groups.setdefault((local.device, local.dtype), []).append(name)
+            self._buckets = [_Bucket(names, [local_tensor(self.parameters[n]).numel() for n in names],
+                                     device, dtype) for (device, dtype), names in groups.items()]
+            self._owner = {name: (bucket, j) for bucket in self._buckets
+                           for j, name in enumerate(bucket.names)}
+        return self._buckets
+
+    def _publish(self, bucket: _Bucket) -> None:
+        """Per-tensor views of a bucket's fused buffers."""
+        for name, start, end in bucket.slices():
+            self.selection[name] = bucket.indices[start:end]
+            self._exp_avg[name] = bucket.exp_avg[start:end]
+            self._exp_avg_sq[name] = bucket.exp_avg_sq[start:end]
+            self._steps[name] = bucket.steps[start:end]
 
     # -- distributed training -------------------------------------------------------------
 
     @property
     def sharded(self) -> bool:
         """Whether the parameters are FSDP shards (DTensors)."""
-        return any(distributed.is_dtensor(p) for p in self.parameters.values())
+        if self._sharded is None:
+            self._sharded = any(distributed.is_dtensor(p) for p in self.parameters.values())
+        return self._sharded
 
     def rebind_parameters(self, mapping: Mapping[int, torch.nn.Parameter]) -> None:
         """Follow parameters that FSDP replaced (``mapping``: id(old) → new); refuse shards
@@ -94,7 +184,12 @@ class MaskedUpdate:
         if not self.supports_sharding and any(distributed.is_dtensor(p) for p in rebound.values()):
             raise ValueError(f"{type(self).__name__} chooses its mask on whole tensors and does not "
                              "support strategy='fsdp'; use strategy='ddp'")
+        state = self.state_dict() if self.selection else None
         self.parameters = rebound
+        self._sharded = None
+        self._buckets = None  # lay out the new (local) tensors
+        if state is not None:
+            self.load_state_dict(state)
 
     def selection_checksum(self) -> torch.Tensor:
         """int64 [entries, Σ position, Σ position² mod p] of the selection, positions counted
@@ -127,55 +222,82 @@ class MaskedUpdate:
         unknown = sorted(set(selection) - set(self.parameters))
         if unknown:
             raise KeyError(f"selection names unknown parameters: {unknown}")
-        for name, parameter in self.parameters.items():
-            parameter = local_tensor(parameter)
-            device = parameter.device
-            new = selection.get(name)
-            new = torch.empty(0, dtype=torch.long, device=device) if new is None \
-                else torch.sort(new.to(device=device, dtype=torch.long)).values
-            if new.numel() and (int(new[0]) < 0 or int(new[-1]) >= parameter.numel()):
-                raise IndexError(f"selection of '{name}' lies outside its {parameter.numel()} entries")
-            old = self.selection.get(name)
-            exp_avg = torch.zeros(new.numel(), dtype=parameter.dtype, device=device)
+        self._flush()
+        for bucket in self.buckets():
+            chosen = []
+            for name in bucket.names:
+                new = selection.get(name)
+                chosen.append(torch.empty(0, dtype=torch.long, device=bucket.device) if new is None
+                              else torch.sort(new.to(device=bucket.device, dtype=torch.long)).values)
+            counts = [c.numel() for c in chosen]
+            indices = torch.cat(chosen)
+            sizes = torch.repeat_interleave(torch.tensor(bucket.sizes, device=bucket.device),
+                                            torch.tensor(counts, device=bucket.device))
+            outside = (indices < 0) | (indices >= sizes)
+            if bool(outside.any()):
+                at = int(outside.nonzero()[0, 0])
+                name = bucket.names[int(np.searchsorted(np.cumsum(counts), at, side="right"))]
+                raise IndexError(f"selection of '{name}' lies outside its "
+                                 f"{local_tensor(self.parameters[name]).numel()} entries")
+            positions = indices + torch.repeat_interleave(
+                torch.tensor(bucket.offsets, device=bucket.device), torch.tensor(counts, device=bucket.device))
+            exp_avg = torch.zeros(indices.numel(), dtype=bucket.dtype, device=bucket.device)
             exp_avg_sq = torch.zeros_like(exp_avg)
-            steps = torch.zeros(new.numel(), dtype=torch.float32, device=device)
-            if old is not None and old.numel() and new.numel():
-                position = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
-                kept = old[position] == new
-                exp_avg[kept] = self._exp_avg[name][position[kept]]
-                exp_avg_sq[kept] = self._exp_avg_sq[name][position[kept]]
-                steps[kept] = self._steps[name][position[kept]]
-            self.selection[name] = new
-            self._exp_avg[name], self._exp_avg_sq[name], self._steps[name] = exp_avg, exp_avg_sq, steps
+            steps = torch.zeros(indices.numel(), dtype=torch.float32, device=bucket.device)
+            old = bucket.positions
+            if old.numel() and positions.numel():
+                place = torch.searchsorted(old, positions).clamp_(max=old.numel() - 1)
+                kept = old[place] == positions
+                place = place[kept]
+                exp_avg[kept] = bucket.exp_avg[place]
+                exp_avg_sq[kept] = bucket.exp_avg_sq[place]
+                steps[kept] = bucket.steps[place]
+            bucket.counts, bucket.indices, bucket.positions = counts, indices, positions
+            bucket.exp_avg, bucket.exp_avg_sq, bucket.steps = exp_avg, exp_avg_sq, steps
+            bucket.pending = torch.zeros(indices.numel(), dtype=torch.bool, device=bucket.device)
+            self._publish(bucket)
         self._selections_made += 1
 
     def selected_entries(self) -> int:
         return sum(int(indices.numel()) for indices in self.selection.values())
 
+    def _flush(self) -> None:
+        if self._unflushed:
+            for bucket in self.buckets():
+                bucket.flush()
+            self._unflushed = False
+
     def moved_mask(self, name: str) -> torch.Tensor:
-        """Flat bool mask of the entries of ``name`` that have changed so far."""
-        if name not in self._moved:
-            parameter = local_tensor(self.parameters[name])
-            self._moved[name] = torch.zeros(parameter.numel(), dtype=torch.bool,
-                                            device=parameter.device)
-            self._moved_count[name] = 0
-        return self._moved[name]
+        """Flat bool mask of the entries of ``name`` that have changed so far (a view: do
+        not write to it; use :meth:`mark_moved`)."""
+        self._flush()
+        bucket, j = self._owner[name]
+        return bucket.mask()[bucket.offsets[j]:bucket.offsets[j] + bucket.sizes[j]]
 
     def moved_indices(self) -> dict[str, torch.Tensor]:
         """name → sorted flat indices of every entry that ever changed (what a file stores)."""
-        return {name: torch.nonzero(mask).reshape(-1) for name, mask in self._moved.items()
-                if self._moved_count[name]}
+        self._flush()
+        moved = {}
+        for bucket in self.buckets():
+            if not bucket.moved_count:
+                continue
+            for j, name in enumerate(bucket.names):
+                start = bucket.offsets[j]
+                indices = torch.nonzero(bucket.moved_mask[start:start + bucket.sizes[j]]).reshape(-1)
+                if indices.numel():
+                    moved[name] = indices
+        return moved
 
     def mark_moved(self, name: str, indices: torch.Tensor) -> None:
         """Record entries of ``name`` as changed (loading an adapter writes them directly)."""
-        mask = self.moved_mask(name)
-        indices = indices.to(mask.device)
-        self._moved_count[name] += int((~mask[indices]).sum())
-        mask[indices] = True
+        self.buckets()
+        bucket, j = self._owner[name]
+        bucket.mark(indices.to(device=bucket.device, dtype=torch.long) + bucket.offsets[j])
 
     def stored_entries(self) -> int:
         """How many entries ever changed: the adapter file's share of this update."""
-        return sum(self._moved_count.values())
+        self._flush()
+        return sum(bucket.moved_count for bucket in self.buckets())
 
     def update_selection(self, trainer: Any, step: int) -> None:
         """Refresh the selection from the gradients of this step (subclasses; fixed here)."""
@@ -190,72 +312,102 @@ class MaskedUpdate:
             self._check_across_ranks(step)
             self._selections_checked = self._selections_made
         with torch.no_grad():
+            flats, kept = [], []
             for name, parameter in self.parameters.items():
-                grad = parameter.grad
-                if grad is None:
-                    continue
-                flat = local_tensor(grad).view(-1)
-                indices = self.selection[name]
-                kept = flat[indices]
-                flat.zero_()
-                flat[indices] = kept
+                if parameter.grad is not None:
+                    flat = local_tensor(parameter.grad).view(-1)
+                    flats.append(flat)
+                    kept.append((self.selection[name], flat[self.selection[name]]))
+            if flats:
+                torch._foreach_zero_(flats)
+            for flat, (indices, values) in zip(flats, kept):
+                flat.index_copy_(0, indices, values)
 
     def on_before_optimizer_step(self, trainer: Any, step: int) -> None:
         groups = {id(p): group for group in trainer.optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                group = groups.get(id(parameter))
-                if group is None:
-                    raise RuntimeError(f"'{name}' is in no optimizer group: build the Trainer with "
-                                       "the Adaptation's param_groups()")
-                self._adamw(name, parameter, group)
+            for bucket in self.buckets():
+                hyper = []
+                for name in bucket.names:
+                    group = groups.get(id(self.parameters[name]))
+                    if group is None:
+                        raise RuntimeError(f"'{name}' is in no optimizer group: build the Trainer "
+                                           "with the Adaptation's param_groups()")
+                    hyper.append(group)
+                self._adamw(bucket, hyper)
+            for parameter in self.parameters.values():
                 parameter.grad = None
 
-    def _adamw(self, name: str, parameter: torch.nn.Parameter, group: Mapping[str, Any]) -> None:
-        """torch.optim.AdamW's update, entry-wise on the selection (per-entry step counts)."""
-        indices = self.selection[name]
-        if not indices.numel():
+    def _adamw(self, bucket: _Bucket, groups: list[Mapping[str, Any]]) -> None:
+        """torch.optim.AdamW's update, entry-wise on a bucket's selection (per-entry step
+        counts), with the lr and weight decay of each tensor's group (``groups``, in the
+        bucket's order) and their common betas and eps."""
+        total = bucket.indices.numel()
+        if not total:
             return
-        flat = local_tensor(parameter.detach()).view(-1)
-        grad = local_tensor(parameter.grad).view(-1)[indices] if parameter.grad is not None \
-            else torch.zeros(indices.numel(), dtype=parameter.dtype, device=flat.device)
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        weight_decay = group["weight_decay"]
-        old = flat[indices]
-        values = old.clone()
-        steps = self._steps[name].add_(1)
-        if weight_decay:
-            values.mul_(1 - lr * weight_decay)
-        exp_avg, exp_avg_sq = self._exp_avg[name], self._exp_avg_sq[name]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        betas, eps = groups[0]["betas"], groups[0]["eps"]
+        if any(g["betas"] != betas or g["eps"] != eps for g in groups):
+            raise ValueError("a masked update needs the same AdamW betas and eps in the optimizer "
+                             "groups of its tensors")
+        beta1, beta2 = betas
+        grad = torch.zeros(total, dtype=bucket.dtype, device=bucket.device)
+        values = torch.empty(total, dtype=bucket.dtype, device=bucket.device)
+        flats = []
+        for name, start, end in bucket.slices():
+            parameter = self.parameters[name]
+            flat = local_tensor(parameter.detach()).view(-1)
+            flats.append(flat)
+            if end == start:
+                continue
+            indices = bucket.indices[start:end]
+            torch.index_select(flat, 0, indices, out=values[start:end])
+            if parameter.grad is not None:
+                torch.index_select(local_tensor(parameter.grad).view(-1), 0, indices,
+                                   out=grad[start:end])
+        old = values.clone()
+        lrs = [g["lr"] for g in groups]
+        decays = [1 - g["lr"] * g["weight_decay"] for g in groups]
+        steps = bucket.steps.add_(1)
+        if any(d != 1 for d in decays):
+            values.mul_(decays[0] if len(set(decays)) == 1 else self._per_entry(bucket, decays, bucket.dtype))
+        bucket.exp_avg.lerp_(grad, 1 - beta1)
+        bucket.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         steps64 = steps.double()
-        step_size = (lr / (1 - torch.pow(beta1, steps64))).to(values.dtype)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, steps64)).sqrt_().to(values.dtype)
-        denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        values.sub_(exp_avg.div(denominator).mul_(step_size))
-        flat[indices] = values
-        self.mark_moved(name, indices[values != old])
+        lr = lrs[0] if len(set(lrs)) == 1 else self._per_entry(bucket, lrs, torch.float64)
+        step_size = (lr / (1 - torch.pow(beta1, steps64))).to(bucket.dtype)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, steps64)).sqrt_().to(bucket.dtype)
+        denominator = (bucket.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        values.sub_(bucket.exp_avg.div(denominator).mul_(step_size))
+        for flat, (_, start, end) in zip(flats, bucket.slices()):
+            if end > start:
+                flat.index_copy_(0, bucket.indices[start:end], values[start:end])
+        bucket.pending |= values != old
+        self._unflushed = True
+
+    @staticmethod
+    def _per_entry(bucket: _Bucket, per_tensor: list[float], dtype: torch.dtype) -> torch.Tensor:
+        """A per-tensor value repeated over each tensor's selected entries."""
+        return torch.repeat_interleave(torch.tensor(per_tensor, dtype=dtype, device=bucket.device),
+                                       torch.tensor(bucket.counts, device=bucket.device))
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "selection": dict(self.selection),
-            "exp_avg": dict(self._exp_avg),
-            "exp_avg_sq": dict(self._exp_avg_sq),
-            "steps": dict(self._steps),
+            "selection": {k: v.clone() for k, v in self.selection.items()},
+            "exp_avg": {k: v.clone() for k, v in self._exp_avg.items()},
+            "exp_avg_sq": {k: v.clone() for k, v in self._exp_avg_sq.items()},
+            "steps": {k: v.clone() for k, v in self._steps.items()},
             "moved": self.moved_indices(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        devices = {name: local_tensor(p).device for name, p in self.parameters.items()}
-        self.selection = {k: v.to(devices[k]) for k, v in state["selection"].items()}
+        self._buckets = None
+        self.selection, self._exp_avg, self._exp_avg_sq, self._steps = {}, {}, {}, {}
+        self.set_selection(state["selection"])
         for target, key in ((self._exp_avg, "exp_avg"), (self._exp_avg_sq, "exp_avg_sq"),
                             (self._steps, "steps")):
-            target.clear()
-            target.update({k: v.to(devices[k]) for k, v in state[key].items()})
-        self._moved.clear()
-        self._moved_count.clear()
+            for name, value in state[key].items():
+                target[name].copy_(value)  # views of the fused buffers
         for name, indices in state["moved"].items():
             self.mark_moved(name, indices)

@@ -40,6 +40,7 @@ under the cap (top-c outside the union plus top-(k−c) inside, c = room left).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +53,90 @@ from weatherpeft.backbones.base import Backbone
 from weatherpeft.distributed import local_tensor
 from weatherpeft.methods.base import Adaptation, budget_entries, match_names, register_method
 from weatherpeft.methods.masked_update import MaskedUpdate
-from weatherpeft.methods.selection import select_top_k
+from weatherpeft.methods.selection import _kth_largest, select_top_k
 
-__all__ = ["FisherSelection", "SFASConfig", "apply_sfas", "block_noise", "selectable_parameters"]
+__all__ = ["FisherSelection", "NOISE_FORMS", "NoiseForm", "SFASConfig", "apply_sfas", "block_noise",
+           "noise_at", "selectable_parameters"]
 
-NOISE_FORMS = ("additive", "multiplicative", "authors")
+#: Levels of the 16-bit uniform noise (U(0, 1) to within 2⁻¹⁷).
+_NOISE_LEVELS = float(1 << 16)
+
+
+class NoiseForm:
+    """How annealed noise enters the SFAS score. ``scores`` must be elementwise (an entry's
+    score depends on its own value and noise only), so that scoring a subset of the entries
+    gives the same numbers as scoring all of them."""
+
+    #: Whether the scores depend on max F (``peak``, through ``weight``).
+    needs_peak = False
+    #: Whether the noise fades with the steps (then a noise scale of 0 scores F alone).
+    annealed = True
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        """Scores from ``values`` (g if ``squared``, else F) and the noise as floats of the
+        16-bit integers r ∈ [−2¹⁵, 2¹⁵) (U = (r + 2¹⁵ + ½)/2¹⁶); may write into ``noise``.
+        ``scale`` = γ_n > 0; ``weight`` = 2¹⁶ / (γ_n · max F) (0 if max F is 0)."""
+        raise NotImplementedError
+
+    def fisher_floor(self, scale: float, weight: float) -> Callable[[float], float] | None:
+        """``floor(L)``: an F below which an entry scores below every entry with F ≥ L,
+        whatever the noise of either; None where the form has no such bound (then every
+        entry is scored)."""
+        return None
+
+
+class MultiplicativeNoise(NoiseForm):
+    """F·(1 + γ_n·U); 1/max F changes no ranking and is left out."""
+
+    #: Relative rounding slack of the score bound (float32 rounding is ~8 × 2⁻²⁴ at most).
+    _SLACK = 1e-5
+    #: Absolute slack for subnormal F (float32's smallest normal is 1.2e-38).
+    _TINY = 1e-37
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
+        return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
+
+    def fisher_floor(self, scale: float, weight: float) -> Callable[[float], float]:
+        """The factor is ≥ 1 after rounding, so a score is ≥ its F; it is ≤ (1 + γ_n)·F up to
+        float32 rounding: F < L / ((1 + γ_n)(1 + slack)) − tiny scores below L."""
+        return lambda bound: bound / ((1.0 + scale) * (1.0 + self._SLACK)) - self._TINY
+
+
+class AdditiveNoise(NoiseForm):
+    """r + κ·F (see FisherSelection.refresh). The score is within γ_n·max F of F/max F·…, a
+    bound that prunes nothing until γ_n falls below F_(k)/max F, and ``addcmul``'s
+    vectorised and scalar code paths may round differently (FMA contraction), so entries
+    scored apart need not match entries scored in a block: no bound, every entry is scored."""
+
+    needs_peak = True
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        if squared:
+            return noise.addcmul_(values, values, value=weight)
+        return noise.add_(values, alpha=weight)
+
+
+class AuthorsNoise(NoiseForm):
+    """The authors' code: |g|·U (√F·U when F accumulates over several steps), never annealed
+    (their scalar weight cannot change the ranking). U reaches ½/2¹⁶, so no F bounds the
+    score usefully: every entry is scored."""
+
+    annealed = False
+
+    def scores(self, values: torch.Tensor, noise: torch.Tensor, squared: bool, scale: float,
+               weight: float) -> torch.Tensor:
+        magnitude = values.abs() if squared else values.sqrt()
+        return noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(magnitude)
+
+
+#: SFASConfig.noise → its form.
+NOISE_FORMS: dict[str, NoiseForm] = {"multiplicative": MultiplicativeNoise(),
+                                     "additive": AdditiveNoise(), "authors": AuthorsNoise()}
+
 BUDGET_MODES = ("union", "strict")
 
 
@@ -84,7 +164,7 @@ class SFASConfig:
         if self.refresh_every < 1:
             raise ValueError(f"SFAS refresh_every must be at least 1, got {self.refresh_every}")
         if self.noise not in NOISE_FORMS:
-            raise ValueError(f"SFAS noise must be one of {NOISE_FORMS}, got {self.noise!r}")
+            raise ValueError(f"SFAS noise must be one of {tuple(NOISE_FORMS)}, got {self.noise!r}")
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"SFAS budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if self.step_fraction is None:
@@ -94,13 +174,16 @@ class SFASConfig:
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
 
-#: Levels of the 16-bit uniform noise (U(0, 1) to within 2⁻¹⁷).
-_NOISE_LEVELS = float(1 << 16)
-
-
 #: Entries per noise chunk (a multiple of 4): each chunk of a tensor has its own generator.
 _NOISE_CHUNK = 1 << 18
 _MASK64 = (1 << 64) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_SIGN_BIT = torch.tensor(_INT64_MIN)
+#: Entries of F sampled per rank to estimate the k-th largest before a pruned selection.
+_FISHER_SAMPLE = 1 << 16
+#: Blocks below this many entries are scanned together, in groups of up to _GROUP_ENTRIES.
+_SMALL_BLOCK = 1 << 18
+_GROUP_ENTRIES = 1 << 21
 
 
 def _seed(*entropy: int) -> int:
@@ -143,6 +226,89 @@ def block_noise(base_seed: int, numel: int, start: int, count: int,
     return words.view(torch.int16)[skip:skip + count]
 
 
+def noise_at(base_seed: int, numel: int, positions: torch.Tensor) -> torch.Tensor:
+    """``block_noise(base_seed, numel, 0, numel)[positions]`` (``positions``: sorted flat
+    indices into the full tensor), drawing only the chunks that hold some of them."""
+    return _noise_from_words(*_noise_words(base_seed, numel, positions))
+
+
+def _noise_words(base_seed: int, numel: int, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 64-bit words holding the noise at sorted ``positions`` and each position's place
+    in its chunk (for :func:`_noise_from_words`), drawing only the chunks that hold them.
+
+    On CPU the words come from ``random_`` over the full 64-bit range, which returns the
+    engine's random64() as is; ``block_noise``'s randint over [−2⁶³, 2⁶³ − 1) returns
+    random64() mod (2⁶⁴ − 1) − 2⁶³ from the same draws — the same word with its sign bit
+    flipped (and 2⁶⁴ − 1 → −2⁶³), which :func:`_noise_from_words` applies. Cheaper (no
+    64-bit modulo per word), same noise. Elsewhere the words are randint's own.
+    """
+    device = positions.device
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    if not positions.numel():
+        return empty, empty
+    if numel <= _NOISE_CHUNK:  # one chunk
+        chunks, counts = [0], [positions.numel()]
+    else:
+        chunks, counts = torch.unique_consecutive(
+            torch.div(positions, _NOISE_CHUNK, rounding_mode="floor"), return_counts=True)
+        chunks, counts = chunks.tolist(), counts.tolist()
+    words, places, at = [], [], 0
+    for chunk, count in zip(chunks, counts):
+        within = positions[at:at + count] - chunk * _NOISE_CHUNK
+        at += count
+        n = (min(_NOISE_CHUNK, numel - chunk * _NOISE_CHUNK) + 3) // 4
+        generator = torch.Generator(device=device).manual_seed(_mix(base_seed + chunk))
+        if device.type == "cpu":
+            drawn = torch.empty(n, dtype=torch.int64).random_(_INT64_MIN, None, generator=generator)
+        else:
+            drawn = torch.randint(_INT64_MIN, _INT64_MAX, (n,), dtype=torch.int64,
+                                  generator=generator, device=device)
+        words.append(drawn[within >> 2])
+        places.append(within)
+    if len(words) == 1:
+        return words[0], places[0]
+    return torch.cat(words), torch.cat(places)
+
+
+def _noise_from_words(words: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """int16 noise from :func:`_noise_words`' output: entry j of a chunk is int16 number j of
+    its words (little-endian), as in ``block_noise``."""
+    if words.device.type == "cpu":  # random_'s words → randint's (see _noise_words)
+        words = words ^ _SIGN_BIT
+        words[words == _INT64_MAX] = _INT64_MIN
+    halves = (words >> ((places & 3) * 16)) & 0xFFFF
+    return (halves - ((halves & 0x8000) << 1)).to(torch.int16)
+
+
+def _not_below(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat indices of the entries of 1-D ``values`` that are not below ``threshold`` (NaN
+    included). On CPU through numpy: ~1 ns per entry against ~12 for torch's comparison with a
+    Python scalar and ``nonzero`` on one thread."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(~(values.numpy() < np.float32(threshold))))
+    return torch.lt(values, threshold).logical_not_().nonzero().squeeze(1)
+
+
+def _block_groups(sizes: list[int]) -> list[list[int]]:
+    """Consecutive block indices in groups for one pass each: a block of ``_SMALL_BLOCK``
+    entries or more alone, smaller ones together up to ``_GROUP_ENTRIES`` entries (one
+    operation on a concatenation instead of one per small tensor)."""
+    groups: list[list[int]] = []
+    filled = math.inf  # entries in the last group, inf when it takes no more
+    for i, size in enumerate(sizes):
+        if size >= _SMALL_BLOCK:
+            groups.append([i])
+            filled = math.inf
+        elif filled + size > _GROUP_ENTRIES:
+            groups.append([i])
+            filled = size
+        else:
+            groups[-1].append(i)
+            filled += size
+    return groups
+
+
 class FisherSelection(MaskedUpdate):
     """The SFAS trainer hook: Fisher accumulation, annealed noise, global top-k, masked update.
 
@@ -166,7 +332,7 @@ class FisherSelection(MaskedUpdate):
 
     def _gradient(self, name: str) -> torch.Tensor | None:
         grad = self.parameters[name].grad
-        return None if grad is None else local_tensor(grad)
+        return grad if grad is None or not self.sharded else local_tensor(grad)
 
     def _accumulate(self) -> None:
         for name in self.parameters:
@@ -180,6 +346,9 @@ class FisherSelection(MaskedUpdate):
 
     def _global_max(self, value: float) -> float:
         return float(distributed.all_reduce([value], "max")[0]) if self.sharded else value
+
+    def _global_min(self, value: float) -> float:
+        return float(distributed.all_reduce([value], "min")[0]) if self.sharded else value
 
     def _global_sum(self, value: int) -> int:
         return int(distributed.all_reduce([float(value)], "sum")[0]) if self.sharded else value
@@ -196,73 +365,180 @@ class FisherSelection(MaskedUpdate):
                 step: int) -> None:
         """Select at ``step``. ``source(name)`` gives the gradient (``squared=True``: F = g²)
         or the accumulated Fisher F of one tensor (None: no gradient, F = 0), so only one
-        block's scores exist at a time; ``peak`` is max F over every tensor.
+        block's scores exist at a time; ``peak`` is max F over every tensor (read only by
+        noise forms whose ranking depends on it).
 
         Additive scores are computed as r + κ·F with r the noise as a uniform 16-bit integer
         and κ = 2¹⁶ / (γ_n · max F): an affine, increasing map of F/max F + γ_n·U, so the
-        ranking is the same, at one fused pass over the entries.
+        ranking is the same, at one fused pass over the entries. Where the noise form bounds
+        the score by F (multiplicative), the selection is first tried on the entries that can
+        still make the top k (:meth:`_pruned_top_k`): the same result at a fraction of the cost.
         """
         names = list(self.parameters)
-        shards = [local_tensor(self.parameters[n]) for n in names]
+        sharded = self.sharded
+        shards = [local_tensor(p) if sharded else p for p in self.parameters.values()]
         sizes = [t.numel() for t in shards]
         full_sizes = [self.parameters[n].numel() for n in names]
-        starts = [distributed.shard_offset(self.parameters[n]) for n in names]
+        starts = [distributed.shard_offset(self.parameters[n]) if sharded else 0 for n in names]
         scale = self.noise_scale(step)
-        seed = self.config.seed
-        multiplicative = self.config.noise == "multiplicative"
-        authors = self.config.noise == "authors"
+        form = NOISE_FORMS[self.config.noise]
         weight = 0.0 if peak <= 0 else (_NOISE_LEVELS / (scale * peak) if scale > 0 else 1.0)
 
+        raw: dict[int, torch.Tensor | None] = {}
+
+        def values_of(i: int) -> torch.Tensor:
+            if i not in raw:
+                values = source(names[i])
+                raw[i] = None if values is None else values.detach().reshape(-1)
+            values = raw[i]
+            return torch.zeros(sizes[i], device=shards[i].device) if values is None \
+                else values.float()
+
+        def block_seed(i: int) -> int:
+            return _seed(self.config.seed, step, i, 0)
+
         def scores(i: int, subset: torch.Tensor | None = None) -> torch.Tensor:
-            shard = shards[i]
-            values = source(names[i])
-            values = torch.zeros(shard.numel(), device=shard.device) if values is None \
-                else values.detach().reshape(-1).float()
+            values = values_of(i)
             if subset is not None:
                 values = values[subset]
-            if authors:  # |g|·(r + 2¹⁵ + ½) ∝ |g|·U (√F when accumulated), never annealed
-                noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i],
-                                    shard.numel(), shard.device)
-                noise = (noise if subset is None else noise[subset]).float()
-                magnitude = values.abs() if squared else values.sqrt()
-                return noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(magnitude)
+            if scale == 0 and form.annealed:
+                return values.square() if squared else values.clone()
+            noise = block_noise(block_seed(i), full_sizes[i], starts[i], sizes[i], shards[i].device)
+            noise = (noise if subset is None else noise[subset]).float()
+            return form.scores(values, noise, squared, scale, weight)
+
+        def candidate_scores(blocks: list[int], candidates: list[torch.Tensor]) -> torch.Tensor:
+            """``scores(i)[candidates_i]`` for the ``blocks`` i, concatenated, drawing only the
+            noise chunks that hold candidates."""
+            kept = [(i, c) for i, c in zip(blocks, candidates) if c.numel()]
+            if not kept:
+                return torch.empty(0, device=candidates[0].device if candidates else "cpu")
+            values = torch.cat([values_of(i)[c] for i, c in kept])
             if scale == 0:
                 return values.square() if squared else values.clone()
-            noise = block_noise(_seed(seed, step, i, 0), full_sizes[i], starts[i], shard.numel(),
-                                shard.device)
-            noise = (noise if subset is None else noise[subset]).float()
-            if multiplicative:  # F·(1 + γ_n·U), U = (r + 2¹⁵ + ½)/2¹⁶; 1/max F changes no ranking
-                factor = noise.add_(_NOISE_LEVELS / 2 + 0.5).mul_(scale / _NOISE_LEVELS).add_(1.0)
-                return factor.mul_(values).mul_(values) if squared else factor.mul_(values)
-            if squared:
-                return noise.addcmul_(values, values, value=weight)
-            return noise.add_(values, alpha=weight)
+            drawn = [_noise_words(block_seed(i), full_sizes[i], c + starts[i]) for i, c in kept]
+            noise = _noise_from_words(torch.cat([w for w, _ in drawn]),
+                                      torch.cat([p for _, p in drawn])).float()
+            return form.scores(values, noise, squared, scale, weight)
 
-        if self.sharded:
+        if sharded:
             offsets = np.cumsum([0] + full_sizes[:-1]).tolist()
             positions = [int(offset) + start for offset, start in zip(offsets, starts)]
 
-            def top_k(block_scores: Callable, block_sizes: list[int], k: int) -> list[torch.Tensor]:
-                return distributed.sharded_top_k(block_scores, block_sizes, positions, k)
+            def top_k(block_scores: Callable, block_sizes: list[int], k: int,
+                      subsets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                return distributed.sharded_top_k(block_scores, block_sizes, positions, k, subsets)
         else:
-            top_k = select_top_k
+            def top_k(block_scores: Callable, block_sizes: list[int], k: int,
+                      subsets: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                chosen = select_top_k(block_scores, block_sizes, k)
+                return chosen if subsets is None else [s[c] for s, c in zip(subsets, chosen)]
+
+        def best(k: int) -> list[torch.Tensor]:
+            """The top k of every selectable entry."""
+            floor = form.fisher_floor(scale, weight)
+            chosen = None if floor is None else self._pruned_top_k(
+                values_of, squared, sizes, k, floor, candidate_scores, top_k, step)
+            return top_k(scores, sizes, k) if chosen is None else chosen
+
         k = self.per_step_entries
         if self.cap is None:
-            chosen = top_k(scores, sizes, k)
+            chosen = best(k)
         else:
-            chosen = self._strict_selection(scores, names, sizes, k, top_k)
+            chosen = self._strict_selection(best, scores, names, sizes, k, top_k)
         self.set_selection(dict(zip(names, chosen)))
 
-    def _strict_selection(self, scores: Callable, names: list[str], sizes: list[int],
-                          k: int, top_k: Callable = select_top_k) -> list[torch.Tensor]:
-        """Best k under the cap: top-c outside the union plus top-(k − c) inside it."""
+    def _pruned_top_k(self, values_of: Callable[[int], torch.Tensor], squared: bool,
+                      sizes: list[int], k: int, floor: Callable[[float], float],
+                      candidate_scores: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
+                      top_k: Callable, step: int) -> list[torch.Tensor] | None:
+        """The exact top k, scoring only entries that can make it; None where the pruning
+        does not apply (then the caller scores every entry).
+
+        1. L, a value that at least k entries' F reach, estimated from a random sample of F
+           (a high quantile of it, so that the check in 3 rarely fails);
+        2. one pass over F keeps the candidates, F ≥ ``floor(L)``: every other entry scores
+           below every entry with F ≥ L (the noise form's bound), so below k entries;
+        3. the check: at least k candidates have F ≥ L (else None);
+        4. noise and scores for the candidates only, and their exact top k — ties broken by
+           position as in the full selection, so the result is the same, entry for entry.
+        NaN Fisher values are candidates, so that the selection rejects them as usual.
+        """
+        groups = _block_groups(sizes)
+        flats = [values_of(group[0]) if len(group) == 1 else torch.cat([values_of(i) for i in group])
+                 for group in groups]
+        total = self._global_sum(sum(sizes))
+        bound = self._sampled_fisher_bound(flats, squared, k, total, step)
+        if bound is None:
+            return None
+        threshold = floor(bound)
+        if not threshold > 0:
+            return None
+        candidates, reached = [], []
+        for group, flat in zip(groups, flats):
+            fisher = flat * flat if squared else flat  # not written to: may be the gradient
+            index = _not_below(fisher, threshold)
+            reached.append(fisher[index].cpu())
+            if len(group) == 1:
+                candidates.append(index)
+                continue
+            offsets = np.cumsum([0] + [sizes[i] for i in group]).tolist()
+            edges = torch.searchsorted(index, torch.tensor(offsets, device=index.device)).tolist()
+            candidates += [index[lo:hi] - offset
+                           for lo, hi, offset in zip(edges[:-1], edges[1:], offsets)]
+        del flats, fisher
+        reaching = int(torch.ge(torch.cat(reached), bound).sum())
+        if self._global_sum(reaching) < k:
+            return None
+        counts = [c.numel() for c in candidates]
+        if self.sharded:
+            return top_k(lambda i: candidate_scores([i], [candidates[i]]), counts, k, candidates)
+        # One block of every candidate, in (block, index) order: ties break as before.
+        scores = candidate_scores(list(range(len(candidates))), candidates).cpu()
+        (chosen,) = select_top_k(lambda _: scores, [scores.numel()], k)
+        edges = torch.searchsorted(chosen, torch.tensor(np.cumsum([0] + counts))).tolist()
+        return [c[(chosen[lo:hi] - start).to(c.device)] for c, lo, hi, start
+                in zip(candidates, edges[:-1], edges[1:], np.cumsum([0] + counts).tolist())]
+
+    def _sampled_fisher_bound(self, flats: list[torch.Tensor], squared: bool, k: int,
+                              total: int, step: int) -> float | None:
+        """A value of F that likely ≥ k entries reach (over every rank): the ⌈qm + 4√(qm) + 4⌉-th
+        largest of m ≈ ``_FISHER_SAMPLE`` entries per rank, sampled in proportion to the sizes of
+        ``flats`` (this rank's values, g or F, in groups of blocks), q = k / total (min over
+        ranks); None where the sample is too small to tell."""
+        local = sum(flat.numel() for flat in flats)
+        bound = -math.inf
+        count = min(_FISHER_SAMPLE, local)
+        if count:
+            generator = torch.Generator().manual_seed(_mix(self.config.seed + step))
+            sample = []
+            for flat in flats:
+                share = round(count * flat.numel() / local)
+                if share:
+                    picked = flat[torch.randint(flat.numel(), (share,), generator=generator)
+                                  .to(flat.device)]
+                    sample.append((picked * picked if squared else picked).cpu())
+            sample = torch.cat(sample)
+            expected = k / max(total, 1) * sample.numel()
+            rank = math.ceil(expected + 4 * math.sqrt(expected) + 4)
+            if rank <= sample.numel():
+                bound = _kth_largest(sample, rank)
+        bound = self._global_min(bound)
+        return None if math.isnan(bound) or bound == -math.inf else bound
+
+    def _strict_selection(self, best: Callable[[int], list[torch.Tensor]], scores: Callable,
+                          names: list[str], sizes: list[int], k: int,
+                          top_k: Callable) -> list[torch.Tensor]:
+        """Best k under the cap: top-c outside the union plus top-(k − c) inside it.
+        ``best(k)``: the unconstrained top k; ``top_k(block_scores, sizes, k)``: that of
+        other scores."""
         room = self.cap - self._global_sum(self.stored_entries())
         if room >= k:
-            return top_k(scores, sizes, k)
+            return best(k)
         moved = [self.moved_mask(n) for n in names]
         minus_inf = float("-inf")
         if room > 0:
-            unconstrained = top_k(scores, sizes, k)
+            unconstrained = best(k)
             outside = self._global_sum(sum(int((~mask[idx]).sum())
                                            for mask, idx in zip(moved, unconstrained)))
             if outside <= room:
@@ -279,17 +555,25 @@ class FisherSelection(MaskedUpdate):
 
     def update_selection(self, trainer: Any, step: int) -> None:
         refresh_now = step % self.config.refresh_every == 0 or not self.selection
+        needs_peak = NOISE_FORMS[self.config.noise].needs_peak
         if self.config.refresh_every == 1:
             if refresh_now:
-                grads = [self._gradient(name) for name in self.parameters]
-                extremes = [torch.aminmax(g.detach()) for g in grads if g is not None and g.numel()]
-                peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes), default=0.0)
-                self.refresh(self._gradient, True, self._global_max(peak), step)
+                peak = 0.0
+                if needs_peak:
+                    grads = [self._gradient(name) for name in self.parameters]
+                    extremes = [torch.aminmax(g.detach()) for g in grads if g is not None and g.numel()]
+                    peak = max((max(-float(low), float(high)) ** 2 for low, high in extremes),
+                               default=0.0)
+                    peak = self._global_max(peak)
+                self.refresh(self._gradient, True, peak, step)
             return
         self._accumulate()
         if refresh_now:
-            peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
-            self.refresh(self._fisher.get, False, self._global_max(peak), step)
+            peak = 0.0
+            if needs_peak:
+                peak = max((float(f.max()) for f in self._fisher.values() if f.numel()), default=0.0)
+                peak = self._global_max(peak)
+            self.refresh(self._fisher.get, False, peak, step)
             for accumulated in self._fisher.values():
                 accumulated.zero_()
             self._since_refresh = 0
