@@ -19,7 +19,10 @@ Every ``refresh_every`` steps (R; R = 1 is the paper's setting):
    entries, no concatenated copy); the noise is regenerated per block from seeded
    generators instead of being stored — one per chunk of ``_NOISE_CHUNK`` entries of a
    tensor, seeded by (seed, step, tensor, chunk), so an entry's noise depends on its
-   position in the full tensor only, not on how it is sharded.
+   position in the full tensor only, not on how it is sharded. With multiplicative noise a
+   score lies in [F, (1 + γ_n)·F], so most entries cannot make the top k: one pass over F
+   keeps the candidates, noise is drawn only for the chunks that hold one, and the top k of
+   the candidates is the same selection, entry for entry (:meth:`FisherSelection._pruned_top_k`).
 4. Update: :class:`~weatherpeft.methods.masked_update.MaskedUpdate` — only selected entries
    move, with no weight decay or momentum anywhere else.
 
