@@ -1,9 +1,9 @@
-"""Markdown tables per task from /tmp/15b/*/summary.json: headline mean ± std over seeds."""
+"""Markdown tables per task from runs/*/summary.json (or $RUNS/*/summary.json): headline mean ± std over seeds."""
 import json, glob, os, statistics, collections
 
 
 runs = []
-for f in sorted(glob.glob(os.path.join(os.environ.get("RUNS", "/tmp/15b"), "*/summary.json"))):
+for f in sorted(glob.glob(os.path.join(os.environ.get("RUNS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")), "*/summary.json"))):
     s = json.load(open(f)); s["name"] = os.path.basename(os.path.dirname(f)); runs.append(s)
 DS = ("2t", "10u", "10v", "t850", "z500")
 def head(s):
@@ -23,6 +23,8 @@ def label(s):
     o = s.get("options", "{}")
     m = s["method"]
     if m == "full" and "encoder" in o: m = "encoder/decoder only (full, include ^encoder./^decoder.)"
+    elif o not in ("{}", ""): m = f"{m} {o}"
+    if s["method"] not in ("full", "frozen"): m = f"{m} 0.3 %"
     proto = s.get("protocol", "frozen")
     return f"{m} [{proto}]"
 groups = collections.defaultdict(list)

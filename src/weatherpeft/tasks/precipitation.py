@@ -25,28 +25,31 @@ Why: in this world 6-h totals are so persistent (76–85 % of grid points keep t
 category from t to t + 12…36 h) that SEEPS punishes any smoothing — persistence smoothed over
 3 × 3 cells or scaled by 0.8 already scores worse than persistence. Direct heads with L1
 (a median, sharper than the roll-out's mean) and the residual form (which keeps the sharp
-persistence field unless the model has reason to change it) gave the best SEEPS, and the
-widest gap between fine-tuning the backbone and training only the encoder/decoder, of the
-forms measured (``docs/results/tasks/README.md``). No form measured beat persistence on SEEPS;
-every trained model beats it on ACC at 12–36 h.
+persistence field unless the model has reason to change it) gave the best SEEPS of the forms
+measured, and a 4.9 % gap between fine-tuning the backbone and training only the
+encoder/decoder (mean SEEPS, 500 steps, 2 seeds; absolute heads −4 %, the roll-out 4 % at
+12 h in issue 15 at 200 steps): still short of a clear separation
+(``docs/results/tasks/README.md``). No form measured beat persistence on SEEPS; every trained
+model beats it on ACC at 12–36 h.
 
-Leads (roll-out design). The model steps 6 h at a time (the accumulation window of the data and aurora-tiny's
-``timestep``); the 12/24/36-h forecasts are autoregressive roll-outs of 2/4/6 steps, each
+Leads (roll-out design). The model steps 6 h at a time (the accumulation window of the data
+and aurora-tiny's ``timestep``); the 12/24/36-h forecasts are autoregressive roll-outs of 2/4/6 steps, each
 prediction fed back with its precipitation clipped at 0. Training rolls out
 ``train_steps`` = 2 steps (12 h, back-propagating through both) and averages the loss over
 both: 12 h is the headline lead (the paper's first column and the acceptance test), the
 6-h step it contains is the step every longer roll-out repeats, and each extra training
 step costs another forward and backward pass.
 
-Loss (roll-out design). Precipitation is skewed and zero-inflated: most 6-h totals are 0, a few are tens of
-mm. A plain MSE on normalised totals is dominated by the rare
+Loss (roll-out design). Precipitation is skewed and zero-inflated: most 6-h totals are 0, a
+few are tens of mm. A plain MSE on normalised totals is dominated by the rare
 heavy events and is minimised by the conditional mean — a light drizzle wherever rain is
 possible, which SEEPS punishes in its dry category. The default compares
 ``g(x) = sign(x)·log(1 + |x| / 1 mm)`` of prediction and truth instead (WeatherBench's
 ``log(ε + tp) − log(ε)`` with ε = 1 mm; the sign keeps negative predictions penalised and
 differentiable), divided by the standard deviation of g over the training period, so dry
 and light totals count as much as heavy ones. ``tp_loss="mse"`` selects a linear MSE and
-``"l1"`` the authors' L1 on normalised totals (the direct design's default). Every other variable is predicted too (a roll-out needs the whole state) with the
+``"l1"`` the authors' L1 on normalised totals (the direct design's default). Every other
+variable is predicted too (a roll-out needs the whole state) with the
 forecasting task's normalised, latitude-weighted MSE, and precipitation weighted up
 (``variable_weights``, default {"tp": 5}; the others 1): the other variables keep the
 rolled-out state on track for 24 and 36 h, and setting their weights to 0 gives a
@@ -474,7 +477,8 @@ class PrecipitationTask(Task):
         return total / steps
 
     def loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
-        """Direct design: the mean over heads of the latitude-weighted penalty (``tp_loss``)
+        """Direct design (``prediction`` with its heads as totals, as :meth:`training_loss`
+        passes it): the mean over heads of the latitude-weighted penalty (``tp_loss``)
         of each head's error against tp at its lead (target[:, k − 1]). Roll-out design, one
         step: weighted mean of per-variable latitude-weighted MSEs of normalised fields; tp
         compared under ``tp_loss``."""
