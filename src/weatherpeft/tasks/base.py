@@ -113,12 +113,16 @@ class Task(abc.ABC):
 
         Truth and prediction hold the fields at the verifying time as their last time step.
         """
+        inputs, target = self.collated_sample(split, index)
+        device = next(model.parameters()).device
+        return model(inputs.to(device)), target
+
+    def collated_sample(self, split: str, index: int) -> tuple[Batch, Batch]:
+        """Sample ``index`` of ``split`` as an (input, target) batch of one."""
         dataset = self.datasets()[split]
         if not 0 <= index < len(dataset):
             raise IndexError(f"task '{self.name}' has {len(dataset)} {split} samples; no index {index}")
-        inputs, target = self.collate([dataset[index]])
-        device = next(model.parameters()).device
-        return model(inputs.to(device)), target
+        return self.collate([dataset[index]])
 
     def dataloader(self, split: str, batch_size: int, *, num_workers: int = 0) -> DataLoader:
         """A sequential (unshuffled, all samples kept) loader over ``split``, for evaluation."""

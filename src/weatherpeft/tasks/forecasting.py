@@ -535,10 +535,7 @@ class ForecastingTask(Task):
     def sample_prediction(self, model: torch.nn.Module, split: str,
                           index: int) -> tuple[Batch, Batch]:
         """(one-step prediction, truth 6 h later) for sample ``index`` of ``split``."""
-        dataset = self.datasets()[split]
-        if not 0 <= index < len(dataset):
-            raise IndexError(f"task '{self.name}' has {len(dataset)} {split} samples; no index {index}")
-        inputs, truth = self.collate([dataset[index]])
+        inputs, truth = self.collated_sample(split, index)
         prediction = model(inputs.to(_module_device(model)))
         return prediction, _time_slice(truth, 0)
 

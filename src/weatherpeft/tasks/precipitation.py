@@ -571,10 +571,7 @@ class PrecipitationTask(Task):
     def sample_prediction(self, model: torch.nn.Module, split: str,
                           index: int) -> tuple[Batch, Batch]:
         """(prediction, truth) at the first lead, tp under its own name (for maps)."""
-        dataset = self.datasets()[split]
-        if not 0 <= index < len(dataset):
-            raise IndexError(f"task '{self.name}' has {len(dataset)} {split} samples; no index {index}")
-        inputs, truth = self.collate([dataset[index]])
+        inputs, truth = self.collated_sample(split, index)
         step = self.lead_steps[0]
         _, forecast = next(self.forecasts(model, inputs.to(_module_device(model)), [step]))
         truth = _time_slice(truth, step - 1)
