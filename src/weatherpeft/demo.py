@@ -1,7 +1,7 @@
 """The main job, ``weatherpeft demo``: the point of the project in a few minutes on a CPU.
 
 It checks the built-in world, shows the shipped pretrained backbone forecasting 24 h ahead,
-then adapts that backbone to global downscaling (11.25° → 5.625°) twice at one parameter
+then adapts that backbone to global downscaling ×4 (22.5° → 5.625°, the paper's factor) twice at one parameter
 budget — with WeatherPEFT and with LoRA, the benchmark's training protocol for both — and
 prints their test-month RMSE beside bilinear interpolation and the frozen backbone, with
 what each stores. It writes both adapters and a map (prediction, truth, error) and says
@@ -147,7 +147,7 @@ def run_demo(config: DemoConfig) -> int:
         print(f"no pretrained backbone at {checkpoint}: nothing to fine-tune")
         return 1
     _forecast(checkpoint)
-    print(f"\nDownscaling 11.25° → 5.625° with {checkpoint.name}, budget {config.budget:.1%} of its weights, "
+    print(f"\nDownscaling ×4 (22.5° → 5.625°) with {checkpoint.name}, budget {config.budget:.1%} of its weights, "
           f"{config.steps} steps × batch {config.batch_size} each (training on Jan–Sep 2003, "
           "testing on December):")
     results = {method: _finetune(method, config, checkpoint) for method in ("frozen", "lora", "weatherpeft")}
