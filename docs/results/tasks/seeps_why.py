@@ -1,4 +1,4 @@
-import torch, numpy as np
+import torch
 torch.set_num_threads(1)
 from weatherpeft.backbones import backbone_statistics
 from weatherpeft.tasks.precipitation import PrecipitationTask, _millimetres
