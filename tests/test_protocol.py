@@ -221,6 +221,9 @@ def test_paper_sizing_keeps_the_whole_budget_for_sfas_and_adds_tadp_on_top():
     assert with_paper_prompt_length("weatherpeft", {"sizing": "paper"}, "postprocessing") == \
         {"sizing": "paper", "prompt_length": PAPER_PROMPT_LENGTHS["postprocessing"]}
     assert with_paper_prompt_length("weatherpeft", {}, "postprocessing") == {}
+    for variant, task in (("downscaling-x2", "downscaling"), ("precipitation-rollout", "precipitation")):
+        assert with_paper_prompt_length("weatherpeft", {"sizing": "paper"}, variant)["prompt_length"] \
+            == PAPER_PROMPT_LENGTHS[task]
     assert with_paper_prompt_length("weatherpeft", {"sizing": "paper", "prompt_length": 7},
                                     "downscaling")["prompt_length"] == 7
     five = apply_method("weatherpeft", load_pretrained_tiny(), 0.003,

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from weatherpeft.atomic import write_json, write_text
+from weatherpeft.backbones.base import Backbone
 from weatherpeft.tasks.forecasting import SOURCES, ForecastingTask
 
 #: Variables and leads the card's table shows (all channels are in the JSON).
@@ -48,7 +49,7 @@ def build_card(model: torch.nn.Module, task: ForecastingTask, *, stride: int, ab
             "reproducibility": {"windows": check_windows, "rmse": check}}
 
 
-def refresh_model_rows(card: dict, model: torch.nn.Module, task: ForecastingTask, *,
+def refresh_model_rows(card: dict, model: Backbone, task: ForecastingTask, *,
                        note: str) -> dict:
     """The card with its model rows and reproducibility row re-measured on its own windows.
 
@@ -57,9 +58,8 @@ def refresh_model_rows(card: dict, model: torch.nn.Module, task: ForecastingTask
     needed. ``task`` must give the card's test windows (same count at the card's stride);
     ``note`` says why and is recorded under ``facts``.
     """
-    fingerprint = getattr(model, "fingerprint", lambda: None)()
-    if fingerprint != card["fingerprint"]:
-        raise ValueError(f"the model's fingerprint {fingerprint} is not the card's "
+    if model.fingerprint() != card["fingerprint"]:
+        raise ValueError(f"the model's fingerprint {model.fingerprint()} is not the card's "
                          f"{card['fingerprint']}: a card describes one set of weights")
     evaluation = card["evaluation"]
     windows = evaluation_windows(task, evaluation["stride_steps"])

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 SIZINGS = ("split", "paper")
 #: The authors' TADP prompt length per task (their scripts), used by ``sizing="paper"``.
-PAPER_PROMPT_LENGTHS = {"downscaling": 30, "postprocessing": 5, "precipitation": 20}
+#: The earlier forms of a task (``downscaling-x2``, ``precipitation-rollout``) take its length.
+PAPER_PROMPT_LENGTHS = {"downscaling": 30, "downscaling-x2": 30, "postprocessing": 5,
+                        "precipitation": 20, "precipitation-rollout": 20}
 
 
 def with_paper_prompt_length(method: str, options: dict, task: str) -> dict:
