@@ -221,7 +221,7 @@ def worker(backbone_name: str, label: str, steps: int, warmup: int) -> dict:
     backbone.eval()
     frozen_times = _time_forwards(backbone, inputs, warmup + steps)
     backbone.train()
-    pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    pretrained = backbone.pretrained_count()
     try:
         adaptation = apply_method(method, backbone, budget, options)
     except ValueError as error:  # BudgetError and other refusals: the row says why

@@ -16,7 +16,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import inspect
-import json
 import logging
 import math
 import os
@@ -33,16 +32,23 @@ import torch
 import torch.utils.checkpoint
 from aurora import Aurora, AuroraHighRes, AuroraPretrained, AuroraSmallPretrained, Batch
 from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
-from safetensors.torch import load_file, save_file
 
-from weatherpeft.atomic import atomic_directory
-from weatherpeft.backbones.base import (
-    Backbone,
-    LoadReport,
-    hash_weights,
-    compare_state,
+from weatherpeft.backbones.base import Backbone, LoadReport, hash_weights
+from weatherpeft.backbones.checkpoint import (
+    VARIABLE_KEYS,
+    CheckpointFolder,
+    config_differences,
+    from_json,
+    level_list,
+    load_with_report,
+    open_checkpoint,
+    resolve_local,
+    split_extra_variables,
+    to_json,
+    verify_fingerprint,
+    write_checkpoint,
 )
-from weatherpeft.data.stats import NormalisationStats
+from weatherpeft.data.stats import NormalisationStats, merge_statistics
 
 __all__ = ["AURORA_PRESETS", "AuroraBackbone", "AuroraPreset", "ERA5_LEVELS", "SWIN_FEEDFORWARD",
            "SWIN_LINEARS"]
@@ -58,11 +64,6 @@ SWIN_FEEDFORWARD = r"backbone\.(encoder|decoder)_layers\.\d+\.blocks\.\d+\.mlp\.
 #: The 13 pressure levels (hPa) of WeatherBench2's ERA5 and of Aurora's pretraining.
 ERA5_LEVELS: tuple[int, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 
-_FORMAT = "weatherpeft.backbone/1"
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
-_STATS_FILE = "normalisation.json"
-_VARIABLE_KEYS = ("surf_vars", "static_vars", "atmos_vars")
 #: Aurora arguments a preset or ``architecture`` may not set (forced, or given another way).
 _FORBIDDEN_KWARGS = {"surf_stats": "pass `stats=` (a NormalisationStats) instead",
                      "use_lora": "weatherpeft always builds Aurora with use_lora=False"}
@@ -140,38 +141,6 @@ def _aurora_keywords() -> frozenset[str]:
     return frozenset(p for p in inspect.signature(Aurora.__init__).parameters if p != "self")
 
 
-def _to_json(value: Any) -> Any:
-    """Architecture values as JSON (tuples → lists, timedelta and dtype tagged)."""
-    if isinstance(value, timedelta):
-        return {"timedelta_seconds": value.total_seconds()}
-    if isinstance(value, torch.dtype):
-        return {"torch_dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot record architecture value {value!r} ({type(value).__name__}) as JSON")
-
-
-def _from_json(value: Any) -> Any:
-    """Inverse of :func:`_to_json` (lists come back as tuples, as Aurora's defaults are)."""
-    if isinstance(value, dict):
-        if set(value) == {"timedelta_seconds"}:
-            return timedelta(seconds=value["timedelta_seconds"])
-        if set(value) == {"torch_dtype"}:
-            return getattr(torch, value["torch_dtype"])
-        return {k: _from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_from_json(v) for v in value)
-    return value
-
-
-def _level_list(levels: Sequence[int | float]) -> list[int | float]:
-    return [int(level) if float(level).is_integer() else float(level) for level in levels]
-
-
 def _required_statistics(surf_vars: Sequence[str], static_vars: Sequence[str],
                          atmos_vars: Sequence[str], levels: Sequence[int | float]) -> list[str]:
     """The normalisation keys a model with these variables and levels reads."""
@@ -197,39 +166,6 @@ def _aurora_default_statistics() -> tuple[dict[str, float], dict[str, float]]:
 def _with_times(batch: Batch, times: tuple[datetime, ...]) -> Batch:
     """``batch`` with other metadata times (the tensors are shared, not copied)."""
     return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, time=times))
-
-
-def _subset(stats: NormalisationStats, keys: Sequence[str]) -> NormalisationStats:
-    return NormalisationStats(locations={k: stats.locations[k] for k in keys if k in stats.locations},
-                              scales={k: stats.scales[k] for k in keys if k in stats.scales},
-                              period=stats.period, latitude_weighted=stats.latitude_weighted,
-                              n_times=stats.n_times, source=stats.source)
-
-
-def _merge_statistics(base: NormalisationStats | None, given: NormalisationStats | None,
-                      base_name: str) -> NormalisationStats | None:
-    """``given`` over ``base``; warn where it changes statistics the pretrained model was fit with."""
-    if base is None or given is None:
-        return given if base is None else base
-    changed = sorted(k for k in given.locations if k in base.locations and
-                     (not math.isclose(given.locations[k], base.locations[k], rel_tol=1e-6) or
-                      not math.isclose(given.scales[k], base.scales[k], rel_tol=1e-6)))
-    if changed:
-        warnings.warn(f"stats override the normalisation of {base_name} for {changed}: the "
-                      "pretrained weights were fit with the originals", stacklevel=4)
-    added = sorted(set(given.locations) - set(base.locations))
-    source = f"{base.source or base_name}" + (f" + {given.source or 'given'} ({', '.join(added)})"
-                                              if added or changed else "")
-    return NormalisationStats(locations={**base.locations, **given.locations},
-                              scales={**base.scales, **given.scales}, period=base.period,
-                              latitude_weighted=base.latitude_weighted, n_times=base.n_times,
-                              source=source)
-
-
-def _looks_like_hub(checkpoint: str | os.PathLike) -> bool:
-    text = str(checkpoint)
-    return text.startswith(("hf://", "http://", "https://", "hub:")) or \
-        text.split("@")[0] in {"microsoft/aurora", "huggingface", "hub"}
 
 
 def _checkpointed_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -300,25 +236,6 @@ def _load_aurora_file(model: Aurora, path: Path) -> tuple[dict[str, torch.Tensor
     return state, notes
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    """The ``config.json`` of a weatherpeft checkpoint folder, after checking the folder is whole."""
-    for name in (_CONFIG_FILE, _WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: a weatherpeft backbone checkpoint "
-                                    f"is a folder with {_CONFIG_FILE} and {_WEIGHTS_FILE}")
-    try:
-        config = json.loads((folder / _CONFIG_FILE).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{folder / _CONFIG_FILE} is not valid JSON: {error}") from error
-    if not isinstance(config, dict) or config.get("format") != _FORMAT:
-        raise ValueError(f"{folder / _CONFIG_FILE} is not a weatherpeft backbone config "
-                         f"(format {_FORMAT})")
-    absent = [k for k in ("preset", "architecture", "levels", *_VARIABLE_KEYS) if k not in config]
-    if absent:
-        raise ValueError(f"{folder / _CONFIG_FILE} lacks {absent}")
-    return config
-
-
 # -- the backbone -------------------------------------------------------------------------
 
 
@@ -374,38 +291,19 @@ class AuroraBackbone(Backbone):
         overrides = _check_architecture(architecture or {})
         kwargs = spec.build_kwargs(overrides)
         base = {key: tuple(kwargs[key]) if key in kwargs else
-                tuple(_class_default(spec.model_class, key)) for key in _VARIABLE_KEYS}
+                tuple(_class_default(spec.model_class, key)) for key in VARIABLE_KEYS}
         extra_surf, extra_atmos = _check_extra_variables(base, extra_surf_vars, extra_atmos_vars)
 
-        # Where the weights are, and the levels and statistics that come with them.
-        folder_config: dict[str, Any] | None = None
-        weights: Path | None = None
-        carried: NormalisationStats | None = None
-        if checkpoint is None:
-            if spec.published and not random_init:
-                raise ValueError(_hub_message(preset, spec))
-        else:
-            weights = _resolve_checkpoint(checkpoint, preset, spec)
-            if weights.is_dir():
-                folder_config = _read_config(weights)
-                if (weights / _STATS_FILE).is_file():
-                    carried = NormalisationStats.load(weights / _STATS_FILE)
+        weights, folder = _locate_weights(checkpoint, preset, spec, random_init)
         if levels is None:
-            levels = folder_config["levels"] if folder_config is not None else spec.levels
-        levels = tuple(_level_list(levels))
+            levels = folder.config["levels"] if folder is not None else spec.levels
+        levels = tuple(level_list(levels))
         if not levels:
             raise ValueError("an Aurora backbone needs at least one pressure level")
         surf_vars, atmos_vars = base["surf_vars"] + extra_surf, base["atmos_vars"] + extra_atmos
         static_vars = base["static_vars"]
         required = _required_statistics(surf_vars, static_vars, atmos_vars, levels)
-        if carried is None and spec.published:
-            locations, scales = _aurora_default_statistics()
-            carried = NormalisationStats(
-                locations={k: locations[k] for k in required if k in locations},
-                scales={k: scales[k] for k in required if k in scales},
-                source="Aurora's built-in ERA5 statistics")
-        merged = _merge_statistics(carried, stats, f"the {preset} weights")
-        self.stats = _check_statistics(merged, required, preset, levels)
+        self.stats = _statistics(preset, spec, folder, stats, required, levels)
 
         # The unmodified Aurora, with the union of variables; its parts become ours.
         surface_keys = list(dict.fromkeys(surf_vars + static_vars))
@@ -418,15 +316,16 @@ class AuroraBackbone(Backbone):
         self._adopt(model)
 
         # Weights. Extra variables the checkpoint already has come pretrained: not task head.
-        architecture_record = _to_json({k: v for k, v in spec.build_kwargs(overrides).items()
-                                        if k not in _VARIABLE_KEYS})
+        architecture_record = to_json({k: v for k, v in spec.build_kwargs(overrides).items()
+                                       if k not in VARIABLE_KEYS})
         self.load_report = LoadReport(source="(random initialisation)")
         saved_keys: set[str] = set()
         if weights is not None:
-            expected = _head_names(extra_surf, extra_atmos)
-            differences = [] if folder_config is None else _config_differences(
-                folder_config, preset, spec.model_class.__name__, architecture_record, levels)
-            self.load_report, saved_keys = self._load(weights, expected, differences, preset, strict)
+            differences = [] if folder is None else config_differences(
+                folder.config, {"preset": preset, "model_class": spec.model_class.__name__,
+                                "levels": list(levels)}, architecture_record)
+            self.load_report, saved_keys = self._load(
+                weights, folder, _head_names(extra_surf, extra_atmos), differences, preset, strict)
         new_surf = tuple(v for v in extra_surf if not _head_names((v,), ()) <= saved_keys)
         new_atmos = tuple(v for v in extra_atmos if not _head_names((), (v,)) <= saved_keys)
 
@@ -453,10 +352,7 @@ class AuroraBackbone(Backbone):
         self.stats.install()
         self._record_parameter_roles(_head_names(new_surf, new_atmos))
         self.fingerprint()  # of the weights as loaded
-        recorded = (folder_config or {}).get("fingerprint")
-        if recorded and self.load_report.exact and recorded != self.fingerprint():
-            raise ValueError(f"the weights in {weights} do not match the fingerprint in its "
-                             f"{_CONFIG_FILE}: the checkpoint was modified or corrupted")
+        verify_fingerprint(self, folder)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -473,31 +369,18 @@ class AuroraBackbone(Backbone):
         self.backbone = model.backbone
         self.decoder = model.decoder
 
-    def _load(self, path: Path, expected_missing: set[str], differences: list[str], preset: str,
-              strict: bool) -> tuple[LoadReport, set[str]]:
-        """Load ``path`` into the model; report (or, if strict, refuse) every mismatch."""
-        if path.is_dir():
-            state, notes = load_file(path / _WEIGHTS_FILE), []
+    def _load(self, path: Path, folder: CheckpointFolder | None, expected_missing: set[str],
+              differences: list[str], preset: str, strict: bool) -> tuple[LoadReport, set[str]]:
+        """Load a checkpoint folder or one of Microsoft's files; report (or refuse) mismatches."""
+        if folder is not None:
+            state, notes = folder.weights(), []
         else:
             state, notes = _load_aurora_file(self._aurora, path)
-        model_shapes = {k: tuple(v.shape) for k, v in self._aurora.state_dict().items()}
-        missing, unexpected, mismatches = compare_state(
-            model_shapes, {k: tuple(v.shape) for k, v in state.items()}, expected_missing)
-        report = LoadReport(source=str(path), missing=missing, unexpected=unexpected,
-                            shape_mismatches=mismatches, config_differences=tuple(differences),
-                            notes=tuple(notes))
-        if not report.exact:
-            if strict:
-                raise ValueError(f"cannot load {path} into {preset} with strict=True:\n"
-                                 f"{report.problems()}\n(strict=False loads the weights that fit "
-                                 "and skips the rest)")
-            logger.warning("loaded %s into %s partially (strict=False):\n%s", path, preset,
-                           report.problems())
-        for note in notes:
-            logger.info("%s: %s", path, note)
-        skipped = set(unexpected) | {key for key, _, _ in mismatches}
-        self._aurora.load_state_dict({k: v for k, v in state.items() if k not in skipped},
-                                     strict=False)
+        report = load_with_report(
+            self._aurora, state, model_shapes={k: tuple(v.shape)
+                                               for k, v in self._aurora.state_dict().items()},
+            source=path, preset=preset, strict=strict, expected_missing=expected_missing,
+            differences=differences, notes=notes)
         return report, set(state)
 
     @classmethod
@@ -516,25 +399,16 @@ class AuroraBackbone(Backbone):
         The folder's config gives preset, architecture, variables and levels; its
         ``normalisation.json`` the statistics (``stats`` adds to or overrides them).
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if not path.is_dir():
-            raise ValueError(f"{path} is a file; a weatherpeft backbone checkpoint is a folder "
-                             f"with {_CONFIG_FILE} and {_WEIGHTS_FILE} (Microsoft's .ckpt files "
-                             "load with AuroraBackbone(preset, checkpoint=...))")
-        config = _read_config(path)
+        folder = open_checkpoint(path, "aurora", "Microsoft's .ckpt files load with "
+                                 "AuroraBackbone(preset, checkpoint=...)")
+        config = folder.config
         architecture = {k: v for k, v in config["architecture"].items() if k != "use_lora"}
-        architecture.update({key: config[key] for key in _VARIABLE_KEYS})
-        present = [v for v in (*extra_surf_vars, *extra_atmos_vars)
-                   if v in config["surf_vars"] or v in config["atmos_vars"]]
-        if present:
-            logger.info("%s already has %s: loaded as pretrained, not new", path, present)
-        return cls(config["preset"], stats=stats, levels=config["levels"], checkpoint=path,
-                   strict=strict, architecture=architecture,
-                   extra_surf_vars=[v for v in extra_surf_vars if v not in config["surf_vars"]],
-                   extra_atmos_vars=[v for v in extra_atmos_vars if v not in config["atmos_vars"]],
-                   activation_checkpointing=activation_checkpointing)
+        architecture.update({key: config[key] for key in VARIABLE_KEYS})
+        extra_surf, extra_atmos = split_extra_variables(config, folder.path, extra_surf_vars,
+                                                        extra_atmos_vars)
+        return cls(config["preset"], stats=stats, levels=config["levels"], checkpoint=folder.path,
+                   strict=strict, architecture=architecture, extra_surf_vars=extra_surf,
+                   extra_atmos_vars=extra_atmos, activation_checkpointing=activation_checkpointing)
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors``, ``config.json`` and ``normalisation.json`` into folder ``path``.
@@ -551,14 +425,7 @@ class AuroraBackbone(Backbone):
         config.update(task_head_surf_vars=[], task_head_atmos_vars=[],
                       activation_checkpointing=False)
         fingerprint = hash_weights(self.fingerprint_config(config), tensors.items())
-        content = {"format": _FORMAT, "fingerprint": fingerprint, **config}
-
-        def write(folder: Path) -> None:
-            save_file(tensors, str(folder / _WEIGHTS_FILE), metadata={"format": _FORMAT})
-            self.stats.save(folder / _STATS_FILE)
-            (folder / _CONFIG_FILE).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-
-        return atomic_directory(path, write, marker=_CONFIG_FILE)
+        return write_checkpoint(path, tensors, self.stats, config, fingerprint)
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -622,7 +489,7 @@ class AuroraBackbone(Backbone):
         """The config minus runtime settings, variable lists sorted (their order changes nothing)."""
         config = dict(self.config if config is None else config)
         record = {k: v for k, v in config.items() if k not in self.unfingerprinted_keys}
-        for key in _VARIABLE_KEYS:
+        for key in VARIABLE_KEYS:
             record[key] = sorted(record[key])
         return record
 
@@ -689,7 +556,7 @@ def _check_architecture(architecture: Mapping[str, Any]) -> dict[str, Any]:
     for key, why in _FORBIDDEN_KWARGS.items():
         if key in architecture and not (key == "use_lora" and architecture[key] is False):
             raise ValueError(f"architecture may not set '{key}': {why}")
-    return {k: _from_json(v) for k, v in architecture.items() if k != "use_lora"}
+    return {k: from_json(v) for k, v in architecture.items() if k != "use_lora"}
 
 
 def _check_extra_variables(base: Mapping[str, tuple[str, ...]], extra_surf: Sequence[str],
@@ -724,43 +591,32 @@ def _hub_message(preset: str, spec: AuroraPreset) -> str:
             f"checkpoint='/path/to/{klass.default_checkpoint_name}'")
 
 
-def _resolve_checkpoint(checkpoint: str | os.PathLike, preset: str, spec: AuroraPreset) -> Path:
-    if _looks_like_hub(checkpoint):
-        raise ValueError(f"checkpoint {str(checkpoint)!r} is not a local path. " +
-                         (_hub_message(preset, spec) if spec.published else
-                          "Pass the folder written by save_checkpoint."))
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        hint = f" ({_hub_message(preset, spec)})" if spec.published else ""
-        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
-    return path
+def _locate_weights(checkpoint: str | os.PathLike | None, preset: str, spec: AuroraPreset,
+                    random_init: bool) -> tuple[Path | None, CheckpointFolder | None]:
+    """The local weights (a checkpoint folder, or one of Microsoft's files), or none."""
+    hub_message = _hub_message(preset, spec) if spec.published else None
+    if checkpoint is None:
+        if hub_message and not random_init:
+            raise ValueError(hub_message)
+        return None, None
+    path = resolve_local(checkpoint, hub_message)
+    return path, CheckpointFolder(path, "aurora") if path.is_dir() else None
 
 
-def _check_statistics(stats: NormalisationStats | None, required: Sequence[str], preset: str,
-                      levels: Sequence[int | float]) -> NormalisationStats:
-    """The statistics for exactly the keys the model reads; a clear error naming any missing."""
-    if stats is None:
+def _statistics(preset: str, spec: AuroraPreset, folder: CheckpointFolder | None,
+                given: NormalisationStats | None, required: Sequence[str],
+                levels: Sequence[int | float]) -> NormalisationStats:
+    """``given`` over the statistics that come with the weights (a folder's, or Aurora's ERA5
+    values for Microsoft's), for exactly the keys the model reads."""
+    carried = folder.stats if folder is not None else None
+    if carried is None and spec.published:
+        locations, scales = _aurora_default_statistics()
+        carried = NormalisationStats(locations={k: locations[k] for k in required if k in locations},
+                                     scales={k: scales[k] for k in required if k in scales},
+                                     source="Aurora's built-in ERA5 statistics")
+    merged = merge_statistics(carried, given, f"the {preset} weights")
+    if merged is None:
         raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
                          "(weatherpeft.data.stats.compute_stats over the training period) "
                          f"covering {list(required)}")
-    missing = [k for k in required if k not in stats.locations]
-    if missing:
-        raise ValueError(f"normalisation statistics ({stats.source or 'given'}) lack {missing}, "
-                         f"which {preset} with levels {list(levels)} needs; compute them with "
-                         "weatherpeft.data.stats.compute_stats")
-    return _subset(stats, required)
-
-
-def _config_differences(saved: Mapping[str, Any], preset: str, model_class: str,
-                        architecture: Mapping[str, Any], levels: Sequence[int | float]) -> list[str]:
-    """Settings in which a checkpoint folder's config differs from the model being built."""
-    differences = []
-    for key, ours in (("preset", preset), ("model_class", model_class), ("levels", list(levels))):
-        if saved.get(key) != ours:
-            differences.append(f"{key}: checkpoint {saved.get(key)!r} vs model {ours!r}")
-    theirs = saved.get("architecture") or {}
-    for name in sorted(set(theirs) | set(architecture)):
-        if theirs.get(name) != architecture.get(name):
-            differences.append(f"architecture.{name}: checkpoint {theirs.get(name)!r} vs model "
-                               f"{architecture.get(name)!r}")
-    return differences
+    return merged.require(required, f"{preset} with levels {list(levels)}")

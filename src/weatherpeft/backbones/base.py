@@ -277,6 +277,10 @@ class Backbone(torch.nn.Module, abc.ABC):
         apart = {id(p) for p in self.encoder_decoder_parameters().values()}
         return {n: p for n, p in pretrained.items() if id(p) not in apart}
 
+    def pretrained_count(self) -> int:
+        """Entries of :meth:`pretrained_parameters`: what a budget is a fraction of."""
+        return sum(p.numel() for p in self.pretrained_parameters().values())
+
     def encoder_decoder_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The pretrained parameters that map fields to tokens and tokens back to fields (the
         authors train them under every method as the task's "head"); whatever the protocol.

@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
-import json
 import logging
 import math
 import os
@@ -80,36 +79,28 @@ import torch.nn.functional as F
 from aurora import Batch, Metadata
 from aurora.normalisation import level_to_str
 from PrithviWxC.model import MultiheadAttention, PrithviWxC, masked_inference
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weatherpeft.atomic import atomic_directory
-from weatherpeft.backbones.aurora import (
-    _from_json,
-    _level_list,
-    _looks_like_hub,
-    _merge_statistics,
-    _read_config,
-    _subset,
-    _to_json,
+from weatherpeft.backbones.base import Backbone, LoadReport, PromptSiteCall, hash_weights
+from weatherpeft.backbones.checkpoint import (
+    CheckpointFolder,
+    config_differences,
+    from_json,
+    level_list,
+    load_with_report,
+    open_checkpoint,
+    resolve_local,
+    split_extra_variables,
+    to_json,
+    verify_fingerprint,
+    write_checkpoint,
 )
-from weatherpeft.backbones.base import (
-    Backbone,
-    LoadReport,
-    PromptSiteCall,
-    compare_state,
-    hash_weights,
-)
-from weatherpeft.data.stats import NormalisationStats
+from weatherpeft.data.stats import NormalisationStats, merge_statistics
 
 __all__ = ["MERRA2_LEVELS", "PRITHVI_PRESETS", "PrithviBackbone", "PrithviPreset"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "weatherpeft.backbone/1"
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
-_STATS_FILE = "normalisation.json"
 _PREFIX = "prithvi."
 #: PrithviWxC arguments weatherpeft derives (from the variables, statistics and settings).
 _DERIVED = ("in_channels", "in_channels_static", "input_scalers_mu", "input_scalers_sigma",
@@ -321,7 +312,7 @@ def _architecture(spec: PrithviPreset, overrides: Mapping[str, Any]) -> dict[str
     if unknown:
         raise ValueError(f"unknown or derived PrithviWxC argument(s) {unknown} in architecture; "
                          f"settable: {sorted(_ARCHITECTURE_KEYS)}")
-    architecture = {**spec.architecture, **{k: _from_json(v) for k, v in overrides.items()}}
+    architecture = {**spec.architecture, **{k: from_json(v) for k, v in overrides.items()}}
     for key in ("patch_size_px", "mask_unit_size_px"):
         architecture[key] = tuple(int(v) for v in architecture[key])
     if architecture["encoder_shifting"]:
@@ -461,34 +452,23 @@ class PrithviBackbone(Backbone):
         overrides = dict(architecture or {})
 
         # Where the weights are, and what comes with them.
-        folder_config: dict[str, Any] | None = None
         weights: Path | None = None
-        carried: NormalisationStats | None = None
-        carried_scales: dict[str, float] = {}
+        folder: CheckpointFolder | None = None
         published_state: dict[str, torch.Tensor] | None = None
+        hub_message = _hub_message(preset, spec) if spec.published else None
         if checkpoint is None:
-            if spec.published and not random_init:
-                raise ValueError(_hub_message(preset, spec))
+            if hub_message and not random_init:
+                raise ValueError(hub_message)
         else:
-            if _looks_like_hub(checkpoint):
-                raise ValueError(f"checkpoint {str(checkpoint)!r} is not a local path. " +
-                                 (_hub_message(preset, spec) if spec.published else
-                                  "Pass the folder written by save_checkpoint."))
-            weights = Path(checkpoint).expanduser()
-            if not weights.exists():
-                hint = f" ({_hub_message(preset, spec)})" if spec.published else ""
-                raise FileNotFoundError(f"checkpoint not found: {weights}{hint}")
+            weights = resolve_local(checkpoint, hub_message)
             if weights.is_dir():
-                folder_config = _read_config(weights)
-                if folder_config.get("family") != "prithvi":
-                    raise ValueError(f"{weights} holds a {folder_config.get('family')!r} backbone, "
-                                     "not Prithvi-WxC")
-                if (weights / _STATS_FILE).is_file():
-                    carried = NormalisationStats.load(weights / _STATS_FILE)
-                carried_scales = dict(folder_config.get("output_scales", {}))
+                folder = CheckpointFolder(weights, "prithvi")
             else:
                 overrides = {**_published_config(weights), **overrides}
                 published_state = _read_published(weights)
+        folder_config = folder.config if folder is not None else None
+        carried = folder.stats if folder is not None else None
+        carried_scales = dict(folder_config.get("output_scales", {})) if folder_config else {}
         arch = _architecture(spec, overrides)
 
         names = dict(surf_vars=spec.surf_vars, atmos_vars=spec.atmos_vars,
@@ -500,7 +480,7 @@ class PrithviBackbone(Backbone):
                                               names["static_vars"])
         if levels is None:
             levels = folder_config["levels"] if folder_config is not None else spec.levels
-        levels = tuple(_level_list(levels))
+        levels = tuple(level_list(levels))
         if atmos_vars and not levels:
             raise ValueError("a Prithvi backbone with atmospheric variables needs pressure levels")
         extra_surf, extra_atmos = tuple(extra_surf_vars), tuple(extra_atmos_vars)
@@ -512,16 +492,12 @@ class PrithviBackbone(Backbone):
 
         # Statistics and output scales for exactly the channels and statics the model reads.
         required = [*channels, *head_channels, *static_vars]
-        merged = _merge_statistics(carried, stats, f"the {preset} weights")
+        merged = merge_statistics(carried, stats, f"the {preset} weights")
         if merged is None:
             raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
                              "(weatherpeft.data.stats.compute_stats over the training period) "
                              f"covering {required}")
-        missing = [k for k in required if k not in merged.locations]
-        if missing:
-            raise ValueError(f"normalisation statistics ({merged.source or 'given'}) lack "
-                             f"{missing}, which {preset} with levels {list(levels)} needs")
-        self.stats = _subset(merged, required)
+        self.stats = merged.require(required, f"{preset} with levels {list(levels)}")
         scales = {c: self.stats.scales[c] for c in [*channels, *head_channels]}
         scales.update(carried_scales)
         scales.update({k: float(v) for k, v in (output_scales or {}).items()})
@@ -540,16 +516,14 @@ class PrithviBackbone(Backbone):
         self._build_heads()
 
         # Weights.
-        architecture_record = _to_json(arch)
+        architecture_record = to_json(arch)
         self.load_report = LoadReport(source="(random initialisation)")
-        saved_keys: set[str] = set()
         if weights is not None:
-            differences = [] if folder_config is None else self._config_differences(
-                folder_config, preset, architecture_record, levels)
-            state = published_state if published_state is not None else load_file(
-                weights / _WEIGHTS_FILE)
-            self.load_report, saved_keys = self._load(weights, state, differences, preset, strict,
-                                                      buffers=published_state is not None)
+            differences = [] if folder is None else config_differences(
+                folder.config, {"preset": preset, "levels": list(levels)}, architecture_record)
+            state = published_state if published_state is not None else folder.weights()
+            self.load_report = self._load(weights, state, differences, preset, strict,
+                                          buffers=published_state is not None)
 
         self._config = {
             "family": "prithvi",
@@ -570,10 +544,7 @@ class PrithviBackbone(Backbone):
         }
         self._record_parameter_roles(self._head_parameter_names())
         self.fingerprint()
-        recorded = (folder_config or {}).get("fingerprint")
-        if recorded and self.load_report.exact and recorded != self.fingerprint():
-            raise ValueError(f"the weights in {weights} do not match the fingerprint in its "
-                             f"{_CONFIG_FILE}: the checkpoint was modified or corrupted")
+        verify_fingerprint(self, folder)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -643,7 +614,7 @@ class PrithviBackbone(Backbone):
         return [name for name, _ in self.named_parameters() if name.startswith("head_")]
 
     def _load(self, path: Path, state: dict[str, torch.Tensor], differences: list[str],
-              preset: str, strict: bool, buffers: bool) -> tuple[LoadReport, set[str]]:
+              preset: str, strict: bool, buffers: bool) -> LoadReport:
         """Load ``state`` (PrithviWxC's names) into the model; report (or refuse) mismatches.
 
         A weatherpeft folder holds parameters only (buffers are rebuilt); a published file
@@ -652,40 +623,18 @@ class PrithviBackbone(Backbone):
         expected = dict(self.prithvi.named_parameters())
         if buffers:
             expected.update(self.prithvi.state_dict(keep_vars=True))
-        model_shapes = {k: tuple(v.shape) for k, v in expected.items()}
-        missing, unexpected, mismatches = compare_state(
-            model_shapes, {k: tuple(v.shape) for k, v in state.items()})
-        report = LoadReport(source=str(path), missing=missing, unexpected=unexpected,
-                            shape_mismatches=mismatches, config_differences=tuple(differences))
-        if not report.exact:
-            grid = [k for k, _, _ in mismatches if k.endswith(("local_mask", "global_mask"))]
-            hint = (f"\n(the shifted-window mask buffers depend on the grid: these weights load "
+
+        def grid_hint(report: LoadReport) -> str:
+            grid = [k for k, _, _ in report.shape_mismatches
+                    if k.endswith(("local_mask", "global_mask"))]
+            return (f"\n(the shifted-window mask buffers depend on the grid: these weights load "
                     f"only on the grid they were saved with, not on "
                     f"{self.prithvi.n_lats_px} × {self.prithvi.n_lons_px})" if grid else "")
-            if strict:
-                raise ValueError(f"cannot load {path} into {preset} with strict=True:\n"
-                                 f"{report.problems()}{hint}\n(strict=False loads the weights "
-                                 "that fit and skips the rest)")
-            logger.warning("loaded %s into %s partially (strict=False):\n%s%s", path, preset,
-                           report.problems(), hint)
-        skipped = set(unexpected) | {key for key, _, _ in mismatches}
-        self.prithvi.load_state_dict({k: v for k, v in state.items() if k not in skipped},
-                                     strict=False)
-        return report, set(state)
 
-    def _config_differences(self, saved: Mapping[str, Any], preset: str,
-                            architecture: Mapping[str, Any],
-                            levels: Sequence[int | float]) -> list[str]:
-        differences = []
-        for key, ours in (("preset", preset), ("levels", list(levels))):
-            if saved.get(key) != ours:
-                differences.append(f"{key}: checkpoint {saved.get(key)!r} vs model {ours!r}")
-        theirs = saved.get("architecture") or {}
-        for name in sorted(set(theirs) | set(architecture)):
-            if theirs.get(name) != architecture.get(name):
-                differences.append(f"architecture.{name}: checkpoint {theirs.get(name)!r} vs "
-                                   f"model {architecture.get(name)!r}")
-        return differences
+        return load_with_report(self.prithvi, state,
+                                model_shapes={k: tuple(v.shape) for k, v in expected.items()},
+                                source=path, preset=preset, strict=strict,
+                                differences=differences, hint=grid_hint)
 
     @classmethod
     def from_checkpoint(
@@ -704,28 +653,20 @@ class PrithviBackbone(Backbone):
         Variables the checkpoint already has load as pretrained, not new. ``settings``:
         ``lead_time``, ``input_time``.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if not path.is_dir():
-            raise ValueError(f"{path} is a file; a weatherpeft backbone checkpoint is a folder "
-                             f"with {_CONFIG_FILE} and {_WEIGHTS_FILE} (published .pt files load "
-                             "with PrithviBackbone(preset, checkpoint=...))")
-        config = _read_config(path)
-        present = [v for v in (*extra_surf_vars, *extra_atmos_vars)
-                   if v in config["surf_vars"] or v in config["atmos_vars"]]
-        if present:
-            logger.info("%s already has %s: loaded as pretrained, not new", path, present)
+        folder = open_checkpoint(path, "prithvi", "published .pt files load with "
+                                 "PrithviBackbone(preset, checkpoint=...)")
+        config = folder.config
+        extra_surf, extra_atmos = split_extra_variables(config, folder.path, extra_surf_vars,
+                                                        extra_atmos_vars)
         unknown = sorted(set(settings) - {"lead_time", "input_time"})
         if unknown:
             raise TypeError(f"from_checkpoint got unexpected settings {unknown}")
         for key in ("lead_time", "input_time"):
             settings.setdefault(key, config.get(f"{key}_hours", 6.0))
-        return cls(config["preset"], stats=stats, levels=config["levels"], checkpoint=path,
-                   strict=strict, architecture=config["architecture"],
-                   extra_surf_vars=[v for v in extra_surf_vars if v not in config["surf_vars"]],
-                   extra_atmos_vars=[v for v in extra_atmos_vars if v not in config["atmos_vars"]],
-                   activation_checkpointing=activation_checkpointing, **settings)
+        return cls(config["preset"], stats=stats, levels=config["levels"], checkpoint=folder.path,
+                   strict=strict, architecture=config["architecture"], extra_surf_vars=extra_surf,
+                   extra_atmos_vars=extra_atmos, activation_checkpointing=activation_checkpointing,
+                   **settings)
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors``, ``config.json`` and ``normalisation.json`` into ``path``.
@@ -744,14 +685,7 @@ class PrithviBackbone(Backbone):
         tensors = self._merged_parameters(channels)
         fingerprint = hash_weights(self.fingerprint_config(config),
                                    [(_PREFIX + name, tensor) for name, tensor in tensors.items()])
-        content = {"format": _FORMAT, "fingerprint": fingerprint, **config}
-
-        def write(folder: Path) -> None:
-            save_file(tensors, str(folder / _WEIGHTS_FILE), metadata={"format": _FORMAT})
-            self.stats.save(folder / _STATS_FILE)
-            (folder / _CONFIG_FILE).write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-
-        return atomic_directory(path, write, marker=_CONFIG_FILE)
+        return write_checkpoint(path, tensors, self.stats, config, fingerprint)
 
     @torch.no_grad()
     def _merged_parameters(self, channels: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from weatherpeft.data.wb2 import (
     time_blocks,
 )
 
-__all__ = ["NormalisationStats", "compute_stats"]
+__all__ = ["NormalisationStats", "compute_stats", "merge_statistics"]
 
 _FORMAT = "weatherpeft.normalisation/1"
 #: A standard deviation at or below this fraction of |mean| (or exactly 0) means "constant".
@@ -112,6 +113,24 @@ class NormalisationStats:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed normalisation statistics: {error}") from error
 
+    # -- combining -------------------------------------------------------------------------
+
+    def subset(self, keys: Sequence[str]) -> NormalisationStats:
+        """These statistics for ``keys`` only (keys they lack are left out)."""
+        return NormalisationStats(locations={k: self.locations[k] for k in keys if k in self.locations},
+                                  scales={k: self.scales[k] for k in keys if k in self.scales},
+                                  period=self.period, latitude_weighted=self.latitude_weighted,
+                                  n_times=self.n_times, source=self.source)
+
+    def require(self, keys: Sequence[str], model: str) -> NormalisationStats:
+        """:meth:`subset` of ``keys``; a clear error naming the keys missing for ``model``."""
+        missing = [k for k in keys if k not in self.locations]
+        if missing:
+            raise ValueError(f"normalisation statistics ({self.source or 'given'}) lack {missing}, "
+                             f"which {model} needs; compute them with "
+                             "weatherpeft.data.stats.compute_stats")
+        return self.subset(keys)
+
     # -- Aurora ----------------------------------------------------------------------------
 
     def surf_stats(self) -> dict[str, tuple[float, float]]:
@@ -170,6 +189,27 @@ def _finish(total: np.ndarray, squares: np.ndarray, count: float,
     std = np.sqrt(variance)
     constant = (std == 0) | (std <= _CONSTANT_REL * np.abs(mean))
     return mean, np.where(constant, 1.0, std)
+
+
+def merge_statistics(base: NormalisationStats | None, given: NormalisationStats | None,
+                     base_name: str) -> NormalisationStats | None:
+    """``given`` over ``base`` (statistics carried by pretrained weights); warns where ``given``
+    changes statistics the pretrained model was fit with."""
+    if base is None or given is None:
+        return given if base is None else base
+    changed = sorted(k for k in given.locations if k in base.locations and
+                     (not math.isclose(given.locations[k], base.locations[k], rel_tol=1e-6) or
+                      not math.isclose(given.scales[k], base.scales[k], rel_tol=1e-6)))
+    if changed:
+        warnings.warn(f"stats override the normalisation of {base_name} for {changed}: the "
+                      "pretrained weights were fit with the originals", stacklevel=4)
+    added = sorted(set(given.locations) - set(base.locations))
+    source = f"{base.source or base_name}" + (f" + {given.source or 'given'} ({', '.join(added)})"
+                                              if added or changed else "")
+    return NormalisationStats(locations={**base.locations, **given.locations},
+                              scales={**base.scales, **given.scales}, period=base.period,
+                              latitude_weighted=base.latitude_weighted, n_times=base.n_times,
+                              source=source)
 
 
 def compute_stats(source: str | os.PathLike | xr.Dataset, spec: SampleSpec, *,

@@ -132,7 +132,7 @@ def apply_adaptformer(backbone: Backbone, budget: float, options: AdaptFormerOpt
     bottleneck = round((entries - size(0)) / per_unit)
     if size(bottleneck) > (1 + BUDGET_TOLERANCE) * entries:
         bottleneck -= 1
-    pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    pretrained = backbone.pretrained_count()
     if bottleneck < 1:
         raise BudgetError(f"AdaptFormer's smallest configuration (bottleneck 1) needs "
                           f"{size(1):,} parameters, more than budget {budget} allows "

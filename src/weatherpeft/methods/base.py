@@ -114,7 +114,7 @@ def check_budget(budget: Any) -> float:
 def budget_entries(backbone: Backbone, budget: float) -> int:
     """Scalar entries a budget (fraction of pretrained parameters) allows on ``backbone``."""
     budget = check_budget(budget)
-    total = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    total = backbone.pretrained_count()
     return max(1, round(budget * total))
 
 
@@ -152,7 +152,7 @@ class Adaptation(torch.nn.Module):
         self._prompt_sources: list[Callable[[], Mapping[str, torch.Tensor]]] = []
         self._injectors: list[Any] = []
         self._dense_ids: set[int] = set()
-        self.pretrained_count = sum(p.numel() for p in backbone.pretrained_parameters().values())
+        self.pretrained_count = backbone.pretrained_count()
         for parameter in backbone.parameters():
             parameter.requires_grad_(False)
         self.enable_always_trained()

@@ -259,7 +259,7 @@ def _apply_lora(backbone: Backbone, budget: float, options: LoRAOptions, dora: b
     method = "dora" if dora else "lora"
     layers = _linear_targets(backbone, _targets(backbone, options.targets))
     entries = budget_entries(backbone, budget)
-    pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    pretrained = backbone.pretrained_count()
     if options.rank is None:
         ranks = size_lora(layers, entries, dora, pretrained)
     else:

@@ -242,7 +242,7 @@ def _choose_kinds(sizes: dict[str, int], entries: int) -> tuple[str, ...] | None
                  "uses every site and warns")
 def apply_ssf(backbone: Backbone, budget: float, options: SSFOptions) -> Adaptation:
     entries = budget_entries(backbone, budget)
-    pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    pretrained = backbone.pretrained_count()
     candidates = ssf_sites(backbone)
     if options.sites:
         chosen = [s for s in candidates if any(re.search(p, s.name) for p in options.sites)]

@@ -81,7 +81,7 @@ def apply_vpt(backbone: Backbone, budget: float, options: VPTOptions) -> Adaptat
     if not widths:
         raise ValueError(f"{type(backbone).__name__} has no prompt sites")
     per_prompt = sum(widths.values())
-    pretrained = sum(p.numel() for p in backbone.pretrained_parameters().values())
+    pretrained = backbone.pretrained_count()
     length = round(entries / per_prompt)
     if length * per_prompt > (1 + BUDGET_TOLERANCE) * entries:
         length -= 1

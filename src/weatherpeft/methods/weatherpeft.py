@@ -166,7 +166,7 @@ def apply_tadp(backbone: Backbone, budget: float, options: TADPOptions) -> Adapt
         raise BudgetError(
             f"TADP's smallest configuration ({options.min_prompt_length} prompts) needs "
             f"{smallest:,} parameters, more than budget {budget} allows ({entries:,}); "
-            f"nearest feasible budget: {smallest / _pretrained(backbone):.4%}")
+            f"nearest feasible budget: {smallest / backbone.pretrained_count():.4%}")
     adaptation = Adaptation(backbone, "tadp", budget, dataclasses.asdict(options))
     adaptation.resolved.update(tadp=_resolved(config))
     _attach_tadp(adaptation, variables, config)
@@ -174,10 +174,6 @@ def apply_tadp(backbone: Backbone, budget: float, options: TADPOptions) -> Adapt
     adaptation.note_budget_shortfall(count, entries, f"{config.prompt_length} prompts is its "
                                                      "longest (prompt_length)")
     return adaptation
-
-
-def _pretrained(backbone: Backbone) -> int:
-    return sum(p.numel() for p in backbone.pretrained_parameters().values())
 
 
 @register_method("weatherpeft", WeatherPEFTOptions,
@@ -193,7 +189,7 @@ def apply_weatherpeft(backbone: Backbone, budget: float, options: WeatherPEFTOpt
                            options)
         if config is None:
             smallest = _smallest_tadp(backbone, len(variables), options)
-            feasible = smallest / (1 - options.min_sfas_share) / _pretrained(backbone)
+            feasible = smallest / (1 - options.min_sfas_share) / backbone.pretrained_count()
             raise BudgetError(
                 f"WeatherPEFT at budget {budget} ({entries:,} entries): TADP's smallest "
                 f"configuration needs {smallest:,} parameters and SFAS keeps "
@@ -218,7 +214,7 @@ def _weatherpeft_paper(backbone: Backbone, budget: float, options: WeatherPEFTOp
     if entries > pool:
         raise BudgetError(f"WeatherPEFT sizing='paper' at budget {budget}: SFAS keeps {entries:,} "
                           f"entries but only {pool:,} are selectable (include/exclude); nearest "
-                          f"feasible budget: {pool / _pretrained(backbone):.4%}")
+                          f"feasible budget: {pool / backbone.pretrained_count():.4%}")
     variables = _variables(backbone, options)
     base = options.candidates()[0]
     config = dataclasses.replace(base, sharing="block" if options.sharing == "auto" else base.sharing,
