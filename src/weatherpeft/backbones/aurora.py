@@ -48,7 +48,7 @@ from weatherpeft.backbones.checkpoint import (
     verify_fingerprint,
     write_checkpoint,
 )
-from weatherpeft.data.stats import NormalisationStats, merge_statistics
+from weatherpeft.data.stats import NormalisationStats, model_statistics
 
 __all__ = ["AURORA_PRESETS", "AuroraBackbone", "AuroraPreset", "ERA5_LEVELS", "SWIN_FEEDFORWARD",
            "SWIN_LINEARS"]
@@ -293,45 +293,39 @@ class AuroraBackbone(Backbone):
         base = {key: tuple(kwargs[key]) if key in kwargs else
                 tuple(_class_default(spec.model_class, key)) for key in VARIABLE_KEYS}
         extra_surf, extra_atmos = _check_extra_variables(base, extra_surf_vars, extra_atmos_vars)
-
-        weights, folder = _locate_weights(checkpoint, preset, spec, random_init)
-        if levels is None:
-            levels = folder.config["levels"] if folder is not None else spec.levels
-        levels = tuple(level_list(levels))
-        if not levels:
-            raise ValueError("an Aurora backbone needs at least one pressure level")
         surf_vars, atmos_vars = base["surf_vars"] + extra_surf, base["atmos_vars"] + extra_atmos
         static_vars = base["static_vars"]
+
+        weights, folder = _locate_weights(checkpoint, preset, spec, random_init)
+        levels = _levels(levels, folder, spec)
         required = _required_statistics(surf_vars, static_vars, atmos_vars, levels)
         self.stats = _statistics(preset, spec, folder, stats, required, levels)
+        surface_keys = list(dict.fromkeys(surf_vars + static_vars))
+        self._levels = levels
+        self._atmos_statistics = {k: (self.stats.locations[k], self.stats.scales[k])
+                                  for k in required if k not in surface_keys}
 
         # The unmodified Aurora, with the union of variables; its parts become ours.
-        surface_keys = list(dict.fromkeys(surf_vars + static_vars))
         kwargs.update(surf_vars=surf_vars, static_vars=static_vars, atmos_vars=atmos_vars,
                       surf_stats={k: (self.stats.locations[k], self.stats.scales[k])
                                   for k in surface_keys})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The normalisation statics")
-            model = spec.model_class(**kwargs)
-        self._adopt(model)
+            self._adopt(spec.model_class(**kwargs))
 
         # Weights. Extra variables the checkpoint already has come pretrained: not task head.
         architecture_record = to_json({k: v for k, v in spec.build_kwargs(overrides).items()
                                        if k not in VARIABLE_KEYS})
         self.load_report = LoadReport(source="(random initialisation)")
-        saved_keys: set[str] = set()
+        new_surf, new_atmos = extra_surf, extra_atmos
         if weights is not None:
             differences = [] if folder is None else config_differences(
                 folder.config, {"preset": preset, "model_class": spec.model_class.__name__,
                                 "levels": list(levels)}, architecture_record)
             self.load_report, saved_keys = self._load(
                 weights, folder, _head_names(extra_surf, extra_atmos), differences, preset, strict)
-        new_surf = tuple(v for v in extra_surf if not _head_names((v,), ()) <= saved_keys)
-        new_atmos = tuple(v for v in extra_atmos if not _head_names((), (v,)) <= saved_keys)
+            new_surf, new_atmos = _without_saved_heads(extra_surf, extra_atmos, saved_keys)
 
-        self._levels = levels
-        self._atmos_statistics = {k: (self.stats.locations[k], self.stats.scales[k])
-                                  for k in required if k not in surface_keys}
         self._config = {
             "family": "aurora",
             "preset": preset,
@@ -582,6 +576,13 @@ def _head_names(surf_vars: Sequence[str], atmos_vars: Sequence[str]) -> set[str]
     return names
 
 
+def _without_saved_heads(extra_surf: tuple[str, ...], extra_atmos: tuple[str, ...],
+                         saved_keys: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The extra variables whose embedding and head the checkpoint did not have (task heads)."""
+    return (tuple(v for v in extra_surf if not _head_names((v,), ()) <= saved_keys),
+            tuple(v for v in extra_atmos if not _head_names((), (v,)) <= saved_keys))
+
+
 def _hub_message(preset: str, spec: AuroraPreset) -> str:
     klass = spec.model_class
     return (f"preset '{preset}' needs Microsoft's pretrained weights, and weatherpeft never "
@@ -603,6 +604,16 @@ def _locate_weights(checkpoint: str | os.PathLike | None, preset: str, spec: Aur
     return path, CheckpointFolder(path, "aurora") if path.is_dir() else None
 
 
+def _levels(levels: Sequence[int | float] | None, folder: CheckpointFolder | None,
+            spec: AuroraPreset) -> tuple[int | float, ...]:
+    """The given levels, else the checkpoint folder's, else the preset's."""
+    if levels is None:
+        levels = folder.config["levels"] if folder is not None else spec.levels
+    if not levels:
+        raise ValueError("an Aurora backbone needs at least one pressure level")
+    return tuple(level_list(levels))
+
+
 def _statistics(preset: str, spec: AuroraPreset, folder: CheckpointFolder | None,
                 given: NormalisationStats | None, required: Sequence[str],
                 levels: Sequence[int | float]) -> NormalisationStats:
@@ -614,9 +625,4 @@ def _statistics(preset: str, spec: AuroraPreset, folder: CheckpointFolder | None
         carried = NormalisationStats(locations={k: locations[k] for k in required if k in locations},
                                      scales={k: scales[k] for k in required if k in scales},
                                      source="Aurora's built-in ERA5 statistics")
-    merged = merge_statistics(carried, given, f"the {preset} weights")
-    if merged is None:
-        raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
-                         "(weatherpeft.data.stats.compute_stats over the training period) "
-                         f"covering {list(required)}")
-    return merged.require(required, f"{preset} with levels {list(levels)}")
+    return model_statistics(preset, carried, given, required, levels)

@@ -95,7 +95,7 @@ from weatherpeft.backbones.checkpoint import (
     verify_fingerprint,
     write_checkpoint,
 )
-from weatherpeft.data.stats import NormalisationStats, merge_statistics
+from weatherpeft.data.stats import NormalisationStats, model_statistics
 
 __all__ = ["MERRA2_LEVELS", "PRITHVI_PRESETS", "PrithviBackbone", "PrithviPreset"]
 
@@ -374,6 +374,42 @@ def _published_statistics(state: Mapping[str, torch.Tensor], channels: Sequence[
     return stats, {c: float(output[i]) for i, c in enumerate(channels)}
 
 
+def _locate_weights(checkpoint: str | os.PathLike | None, preset: str, spec: PrithviPreset,
+                    random_init: bool) -> tuple[Path | None, CheckpointFolder | None,
+                                                dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(path, checkpoint folder, published state, published architecture) of the weights."""
+    hub_message = _hub_message(preset, spec) if spec.published else None
+    if checkpoint is None:
+        if hub_message and not random_init:
+            raise ValueError(hub_message)
+        return None, None, None, {}
+    path = resolve_local(checkpoint, hub_message)
+    if path.is_dir():
+        return path, CheckpointFolder(path, "prithvi"), None, {}
+    return path, None, _read_published(path), _published_config(path)
+
+
+def _variable_names(spec: PrithviPreset, folder: CheckpointFolder | None,
+                    variables: Mapping[str, Sequence[str]] | None
+                    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(surface, atmospheric, static) variables: the preset's or the folder's, then ``variables``."""
+    names = dict(surf_vars=spec.surf_vars, atmos_vars=spec.atmos_vars, static_vars=spec.static_vars)
+    if folder is not None:
+        names = {k: tuple(folder.config[k]) for k in names}
+    names.update({k: tuple(v) for k, v in (variables or {}).items()})
+    return names["surf_vars"], names["atmos_vars"], names["static_vars"]
+
+
+def _levels(levels: Sequence[int | float] | None, folder: CheckpointFolder | None,
+            spec: PrithviPreset, atmos_vars: Sequence[str]) -> tuple[int | float, ...]:
+    """The given levels, else the checkpoint folder's, else the preset's."""
+    if levels is None:
+        levels = folder.config["levels"] if folder is not None else spec.levels
+    if atmos_vars and not levels:
+        raise ValueError("a Prithvi backbone with atmospheric variables needs pressure levels")
+    return tuple(level_list(levels))
+
+
 def _hub_message(preset: str, spec: PrithviPreset) -> str:
     where = (f"from https://huggingface.co/{spec.repository} " if spec.repository else "")
     return (f"preset '{preset}' needs the published weights, and weatherpeft never downloads: "
@@ -451,53 +487,23 @@ class PrithviBackbone(Backbone):
         spec = PRITHVI_PRESETS[preset]
         overrides = dict(architecture or {})
 
-        # Where the weights are, and what comes with them.
-        weights: Path | None = None
-        folder: CheckpointFolder | None = None
-        published_state: dict[str, torch.Tensor] | None = None
-        hub_message = _hub_message(preset, spec) if spec.published else None
-        if checkpoint is None:
-            if hub_message and not random_init:
-                raise ValueError(hub_message)
-        else:
-            weights = resolve_local(checkpoint, hub_message)
-            if weights.is_dir():
-                folder = CheckpointFolder(weights, "prithvi")
-            else:
-                overrides = {**_published_config(weights), **overrides}
-                published_state = _read_published(weights)
-        folder_config = folder.config if folder is not None else None
-        carried = folder.stats if folder is not None else None
-        carried_scales = dict(folder_config.get("output_scales", {})) if folder_config else {}
-        arch = _architecture(spec, overrides)
-
-        names = dict(surf_vars=spec.surf_vars, atmos_vars=spec.atmos_vars,
-                     static_vars=spec.static_vars)
-        if folder_config is not None:
-            names = {k: tuple(folder_config[k]) for k in names}
-        names.update({k: tuple(v) for k, v in (variables or {}).items()})
-        surf_vars, atmos_vars, static_vars = (names["surf_vars"], names["atmos_vars"],
-                                              names["static_vars"])
-        if levels is None:
-            levels = folder_config["levels"] if folder_config is not None else spec.levels
-        levels = tuple(level_list(levels))
-        if atmos_vars and not levels:
-            raise ValueError("a Prithvi backbone with atmospheric variables needs pressure levels")
+        weights, folder, published_state, published_overrides = _locate_weights(
+            checkpoint, preset, spec, random_init)
+        arch = _architecture(spec, {**published_overrides, **overrides})
+        surf_vars, atmos_vars, static_vars = _variable_names(spec, folder, variables)
+        levels = _levels(levels, folder, spec, atmos_vars)
         extra_surf, extra_atmos = tuple(extra_surf_vars), tuple(extra_atmos_vars)
         _check_variables(surf_vars, atmos_vars, static_vars, extra_surf, extra_atmos)
         channels = channel_names(surf_vars, atmos_vars, levels)
         head_channels = channel_names(extra_surf, extra_atmos, levels)
+        carried = folder.stats if folder is not None else None
+        carried_scales = dict(folder.config.get("output_scales", {})) if folder else {}
         if published_state is not None:
             carried, carried_scales = _published_statistics(published_state, channels, static_vars)
 
         # Statistics and output scales for exactly the channels and statics the model reads.
-        required = [*channels, *head_channels, *static_vars]
-        merged = merge_statistics(carried, stats, f"the {preset} weights")
-        if merged is None:
-            raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
-                             "(weatherpeft.data.stats.compute_stats over the training period) "
-                             f"covering {required}")
-        self.stats = merged.require(required, f"{preset} with levels {list(levels)}")
+        self.stats = model_statistics(preset, carried, stats,
+                                      [*channels, *head_channels, *static_vars], levels)
         scales = {c: self.stats.scales[c] for c in [*channels, *head_channels]}
         scales.update(carried_scales)
         scales.update({k: float(v) for k, v in (output_scales or {}).items()})

@@ -42,7 +42,7 @@ from weatherpeft.data.wb2 import (
     time_blocks,
 )
 
-__all__ = ["NormalisationStats", "compute_stats", "merge_statistics"]
+__all__ = ["NormalisationStats", "compute_stats", "merge_statistics", "model_statistics"]
 
 _FORMAT = "weatherpeft.normalisation/1"
 #: A standard deviation at or below this fraction of |mean| (or exactly 0) means "constant".
@@ -202,7 +202,7 @@ def merge_statistics(base: NormalisationStats | None, given: NormalisationStats 
                       not math.isclose(given.scales[k], base.scales[k], rel_tol=1e-6)))
     if changed:
         warnings.warn(f"stats override the normalisation of {base_name} for {changed}: the "
-                      "pretrained weights were fit with the originals", stacklevel=4)
+                      "pretrained weights were fit with the originals", stacklevel=5)
     added = sorted(set(given.locations) - set(base.locations))
     source = f"{base.source or base_name}" + (f" + {given.source or 'given'} ({', '.join(added)})"
                                               if added or changed else "")
@@ -210,6 +210,19 @@ def merge_statistics(base: NormalisationStats | None, given: NormalisationStats 
                               scales={**base.scales, **given.scales}, period=base.period,
                               latitude_weighted=base.latitude_weighted, n_times=base.n_times,
                               source=source)
+
+
+def model_statistics(preset: str, carried: NormalisationStats | None,
+                     given: NormalisationStats | None, required: Sequence[str],
+                     levels: Sequence[int | float]) -> NormalisationStats:
+    """The statistics a model reads: ``given`` over those ``carried`` by its weights, for
+    exactly the keys ``required``; a clear error when there are none or keys are missing."""
+    merged = merge_statistics(carried, given, f"the {preset} weights")
+    if merged is None:
+        raise ValueError(f"{preset} has no normalisation statistics of its own: pass stats= "
+                         "(weatherpeft.data.stats.compute_stats over the training period) "
+                         f"covering {list(required)}")
+    return merged.require(required, f"{preset} with levels {list(levels)}")
 
 
 def compute_stats(source: str | os.PathLike | xr.Dataset, spec: SampleSpec, *,
