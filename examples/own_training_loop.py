@@ -25,6 +25,7 @@ on a laptop in a minute); with Microsoft's weights, build ``AuroraPretrained()``
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,13 +41,17 @@ from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches
 PRETRAINED = Path(__file__).resolve().parents[1] / "models" / "aurora-tiny"
 
 
-def batches(steps: int, batch_size: int):
-    """(input, target) pairs: 6-hour forecasts from the first days of the built-in downstream year."""
-    dataset = WB2Dataset(store_path("downstream"), SampleSpec(start="2003-03-01", end="2003-03-10"))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+def batches(steps: int, batch_size: int, samples: int):
+    """(input, target) pairs from March of the built-in downstream year, the target a day after
+    the input (the task here: turn the 6-hour forecaster into a one-day forecaster); ``samples``
+    of them, cycled in fixed batches as in Aurora's example loop."""
+    dataset = WB2Dataset(store_path("downstream"), SampleSpec(start="2003-03-01", end="2003-03-31",
+                                                              lead=timedelta(hours=24)))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:samples]
+    fixed = [collate_batches([dataset[int(i)] for i in chosen[start:start + batch_size]])
+             for start in range(0, samples - batch_size + 1, batch_size)]
     for step in range(steps):
-        start = step * batch_size % (len(dataset) - batch_size + 1)
-        yield collate_batches([dataset[int(i)] for i in order[start:start + batch_size]])
+        yield fixed[step % len(fixed)]
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--out", default="runs/own-loop")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -70,12 +76,12 @@ def main(argv: list[str] | None = None) -> list[float]:
     model.train()
     optimizer = model.configure_optimizer(steps=args.steps, lr=args.lr)  # weatherpeft
     losses = []
-    for batch, target in batches(args.steps, args.batch_size):
+    for batch, target in batches(args.steps, args.batch_size, args.samples):
         pred = model.forward(batch)
         loss = torch.mean(torch.abs(pred.surf_vars["2t"] - target.surf_vars["2t"]))
         loss.backward()
         model.step(loss)  # weatherpeft: the method's hooks, optimizer.step() and zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
         print(f"step {len(losses):3d}  loss {losses[-1]:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}")
     folder = model.save_adapter(args.out)  # weatherpeft
     report = model.report()

@@ -13,6 +13,7 @@ from conftest import load_pretrained_tiny
 from weatherpeft import MultiAdapterModel
 from weatherpeft.adapters import AdapterError, load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.cli import main
+from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.methods.base import apply_method
 from weatherpeft.train import TrainConfig, Trainer
 
@@ -87,8 +88,9 @@ def test_each_adapter_equals_its_merged_model(served, adapters, builtin_batches,
         merged = load_merged(save_merged(load_adapter(path, load_pretrained_tiny()),
                                          tmp_path / name))
         served.set_adapter(name)
-        # LoRA's merge adds B·A into W (float rounding); the others' merges are exact copies.
-        assert_equal(outputs(served, batch), outputs(merged, batch), exact=name != "lora")
+        # Float rounding only: LoRA's merge adds B·A into W, and a merged model's parameters all
+        # require grad, which changes the kernel of Aurora's output heads.
+        assert_equal(outputs(served, batch), outputs(merged, batch), exact=False)
 
 
 def test_an_adapter_costs_its_stored_tensors_not_a_backbone(served, adapters):
@@ -124,7 +126,8 @@ def test_bad_input_is_refused_and_nothing_loaded_changes(served, adapters, built
         served.add_adapter("other", save_adapter(apply_method("lora", other, 0.01),
                                                  tmp_path / "other"))
 
-    wider = load_pretrained_tiny(extra_surf_vars=("tp",))  # another variable set
+    wider = load_pretrained_tiny(extra_surf_vars=("tp",),  # another variable set
+                                 stats=NormalisationStats(locations={"tp": 0.0}, scales={"tp": 1e-3}))
     with pytest.raises(AdapterError, match="made for the variables .*missing \\[\\], extra"):
         MultiAdapterModel(wider).add_adapter("lora", adapters["lora"])
     with pytest.raises(AdapterError, match="made for the variables .*missing \\['tp'\\]"):

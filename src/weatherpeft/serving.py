@@ -85,6 +85,8 @@ class MultiAdapterModel(torch.nn.Module):
         self._adaptations: dict[str, Adaptation] = {}
         self._patches: dict[str, list[_Patch]] = {}
         self._reports: dict[str, ParameterReport] = {}
+        self._adapter_flags: dict[str, list[bool]] = {}
+        self._base_flags = self._flags()
         self._active: str | None = None
         self._replaced: list[torch.Tensor] = []
 
@@ -122,17 +124,17 @@ class MultiAdapterModel(torch.nn.Module):
         config = read_adapter_config(path)
         check_adapter_fits(path, config, self.backbone, force)
         patches = self._patches_of(path, config)
-        # load_adapter writes into the shared tensors too, and sets their requires_grad flags
-        # (which change the kernels some layers choose): put both back.
+        # load_adapter writes into the shared tensors too, and sets their requires_grad flags:
+        # put both back, keeping the adapter's flags for when it is active.
         replaced = [patch.swap_in() for patch in patches]
-        flags = [(p, p.requires_grad) for p in self.backbone.parameters()]
+        flags = self._flags()
         try:
             adaptation = load_adapter(path, _shared_view(self.backbone), force=force)
+            self._adapter_flags[name] = self._flags()
         finally:
             for patch, values in zip(reversed(patches), reversed(replaced)):
                 patch.restore(values)
-            for parameter, flag in flags:
-                parameter.requires_grad_(flag)
+            self._set_flags(flags)
         self._reports[name] = adaptation.report()
         # Inference only: drop the masked updates (their bookkeeping holds a flag per
         # selectable entry); what they moved is in the patches.
@@ -166,6 +168,13 @@ class MultiAdapterModel(torch.nn.Module):
                                                                           target.dtype)))
         return patches
 
+    def _flags(self) -> list[bool]:
+        return [parameter.requires_grad for parameter in self.backbone.parameters()]
+
+    def _set_flags(self, flags: list[bool]) -> None:
+        for parameter, flag in zip(self.backbone.parameters(), flags):
+            parameter.requires_grad_(flag)
+
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: the bare backbone). :class:`AdapterError` for
         an unknown name, with the active adapter unchanged."""
@@ -180,6 +189,9 @@ class MultiAdapterModel(torch.nn.Module):
                     patch.restore(values)
             self._replaced = [] if name is None else \
                 [patch.swap_in() for patch in self._patches[name]]
+        # requires_grad changes the kernel some layers choose (Aurora's output heads), so an
+        # adapter runs with its own model's flags, to the last bit.
+        self._set_flags(self._base_flags if name is None else self._adapter_flags[name])
         self._active = name
 
     def _check_known(self, name: str) -> None:
