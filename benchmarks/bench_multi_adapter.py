@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp), args.adapters)
         names = [p.name for p in paths]
+        file_bytes = {p.name: (p / "adapter.safetensors").stat().st_size for p in paths}
 
         before = resident()
         served = MultiAdapterModel(load_backbone(BACKBONE))
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         backbone_bytes = tensor_bytes([load_backbone(BACKBONE)])
     result = {
         "adapters": args.adapters, "backbone_bytes": backbone_bytes,
+        "adapter_file_bytes": file_bytes,
         "served": {"tensor_bytes": served_bytes, "rss_growth": served_rss,
                    "forward_s": served_forward, "switch_s": switch,
                    "forward_rotating_s": rotating},

@@ -76,7 +76,8 @@ class MultiAdapterModel(torch.nn.Module):
     """One backbone, many adapters: :meth:`add_adapter`, :meth:`set_adapter`, then call it.
 
     ``forward(batch)`` runs the active adapter's model (the bare backbone when none is active).
-    For inference: the model stays in eval mode; call it under ``torch.no_grad()``.
+    For inference: the model stays in eval mode; call it under ``torch.no_grad()``. Put the
+    backbone on its device before adding adapters (they are built where its tensors are).
     """
 
     def __init__(self, backbone: Backbone) -> None:
@@ -160,12 +161,13 @@ class MultiAdapterModel(torch.nn.Module):
             if role in _IN_PLACE_ROLES:
                 target = parameter(name)
                 patches.append(_Patch(target, None, value.to(target.device, target.dtype)))
-            elif role == "sparse" and name.endswith(".indices"):
-                name = name.removesuffix(".indices")
+            elif role == "sparse" and name.endswith(".indices") \
+                    and f"sparse.{name.removesuffix('.indices')}.values" in tensors:
+                name = name.removesuffix(".indices")  # (an unpaired entry: load_adapter refuses it)
                 target = parameter(name)
+                values = tensors[f"sparse.{name}.values"]
                 patches.append(_Patch(target, value.to(target.device, torch.long),
-                                      tensors[f"sparse.{name}.values"].to(target.device,
-                                                                          target.dtype)))
+                                      values.to(target.device, target.dtype)))
         return patches
 
     def _flags(self) -> list[bool]:
