@@ -17,7 +17,8 @@ import weatherpeft
 from conftest import PRETRAINED_TINY, load_pretrained_tiny
 from weatherpeft.backbones.aurora import AURORA_TINY
 from weatherpeft.methods.base import apply_method
-from weatherpeft.train import TrainConfig, Trainer, epoch_permutation, seed_everything
+from weatherpeft.train import (DivergenceError, TrainConfig, Trainer, epoch_permutation,
+                               seed_everything)
 
 STEPS, BATCH, LR, SEED = 3, 2, 1e-3, 0
 
@@ -121,6 +122,11 @@ def test_bad_input_is_named():
     model = weatherpeft.adapt(aurora, "lora", 0.01)
     with pytest.raises(RuntimeError, match="configure_optimizer"):
         model.step(1.0)
+    model.configure_optimizer(steps=2, on_nonfinite="skip")
+    assert model.step(float("nan")) is None and model.steps_taken == 0  # the Trainer's policy
+    model.configure_optimizer(steps=2)
+    with pytest.raises(DivergenceError, match="training loss is nan.*your own loop"):
+        model.step(float("nan"))
     with pytest.raises(ValueError, match="task's training data"):
         weatherpeft.adapt(own_aurora(), "child_tuning", 0.01).configure_optimizer(steps=1)
 
