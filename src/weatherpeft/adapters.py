@@ -15,12 +15,12 @@ An adapter is a folder with two files:
   model (method, options, budget, protocol, backbone, inventory, tensor checksum).
 
 :func:`load_adapter` rebuilds the method on a fresh backbone (same options and budget, so the
-same modules) and writes the tensors in: outputs are reproduced exactly. It refuses a
-backbone whose fingerprint differs unless forced, and raises :class:`AdapterError` for
-anything else that is wrong: an unreadable or edited ``adapter.json`` (invalid JSON, missing
-keys, wrong types, a record that no longer matches ``record_sha256``), a tensor file that is
-missing, truncated or corrupt, tensors unlike the inventory or the rebuilt method, NaN/inf
-values, or options and a budget the method refuses. Nothing is ever unpickled.
+same modules) and writes the tensors in: outputs are reproduced exactly. It refuses a backbone
+with another variable set, and one whose fingerprint differs unless forced, and raises
+:class:`AdapterError` for anything else that is wrong: an unreadable or edited ``adapter.json``
+(invalid JSON, missing keys, wrong types, a record that no longer matches ``record_sha256``), a
+tensor file that is missing, truncated or corrupt, tensors unlike the inventory or the rebuilt
+method, NaN/inf values, or options and a budget the method refuses. Nothing is ever unpickled.
 :func:`save_adapter` refuses NaN/inf tensors and never replaces an earlier adapter with a
 partial one. :func:`save_merged` writes a deployable model: the
 backbone with every sparse and dense change folded into its weights (its own checkpoint
@@ -50,7 +50,8 @@ from weatherpeft.methods.base import Adaptation, apply_method, check_budget
 from weatherpeft.methods.prompts import PromptInjector
 
 __all__ = ["ADAPTER_FORMAT", "AdapterError", "DeployedModel", "adapter_info", "adapter_tensors",
-           "load_adapter", "load_merged", "read_adapter_config", "save_adapter", "save_merged"]
+           "check_adapter_fits", "load_adapter", "load_merged", "read_adapter_config",
+           "read_adapter_tensors", "save_adapter", "save_merged"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,10 @@ def _check_record(config: Mapping[str, Any], config_path: Path) -> None:
              "(they no longer match record_sha256)")
 
 
-def _read_tensors(path: Path, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(path: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter folder ``path`` whose checked record is ``config``, verified
+    against its checksum and inventory and for NaN/inf."""
+    path = Path(path)
     tensor_path = path / TENSOR_FILE
     if not tensor_path.is_file():
         raise AdapterError(f"{tensor_path} is missing")
@@ -316,11 +320,17 @@ def _assign_sparse(adaptation: Adaptation, given: Mapping[str, torch.Tensor]) ->
         owners[name].mark_moved(name, indices)
 
 
-def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = False) -> Adaptation:
-    """Rebuild the adapter's method on ``backbone`` under its protocol (files without one:
-    "frozen") and load its tensors (see module doc)."""
-    path = Path(path)
-    config = read_adapter_config(path)
+def check_adapter_fits(path: Path, config: Mapping[str, Any], backbone: Backbone,
+                       force: bool = False) -> None:
+    """Raise :class:`AdapterError` when the adapter (record ``config``) was made for another
+    variable set or, unless ``force``, another backbone (fingerprint); nothing is read or
+    changed."""
+    saved_vars, current_vars = config["variables"], list(backbone.embedding_variables)
+    if sorted(saved_vars) != sorted(current_vars):
+        raise AdapterError(f"{path} was made for the variables {saved_vars}; this backbone has "
+                           f"{current_vars} (missing {sorted(set(saved_vars) - set(current_vars))}, "
+                           f"extra {sorted(set(current_vars) - set(saved_vars))}): load it onto a "
+                           "backbone built for its task")
     saved, current = config["backbone"]["fingerprint"], backbone.fingerprint()
     if saved != current:
         message = (f"{path} was trained on backbone {saved[:12]}… "
@@ -328,7 +338,15 @@ def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = Fals
         if not force:
             raise AdapterError(message + ": refusing to load (force=True / --force overrides)")
         log.warning("%s; loading anyway (forced)", message)
-    tensors = _read_tensors(path, config)
+
+
+def load_adapter(path: str | os.PathLike, backbone: Backbone, force: bool = False) -> Adaptation:
+    """Rebuild the adapter's method on ``backbone`` under its protocol (files without one:
+    "frozen") and load its tensors (see module doc)."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    check_adapter_fits(path, config, backbone, force)
+    tensors = read_adapter_tensors(path, config)
     try:
         adaptation = apply_method(config["method"], backbone, config["budget"], config["options"],
                                   encoder_decoder=config.get("encoder_decoder", "frozen"))

@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from weatherpeft.config import add_dataclass_arguments, build_config
 from weatherpeft.atomic import write_json
@@ -169,11 +169,16 @@ class EvaluateConfig:
     against persistence and climatology (``write_card`` makes its model card). With an
     ``adapter`` (or a ``task``): the fine-tuned model's test-split scores on its task, with the
     task's references, written to ``out`` as metrics.json and metrics.md, plus maps of
-    ``map_variable`` for test sample ``map_sample``.
+    ``map_variable`` for test sample ``map_sample``. Several adapters (comma-separated, each
+    ``PATH`` or ``NAME=PATH``) are loaded onto one backbone and scored in turn, each into
+    ``out/NAME``.
     """
 
     checkpoint: str = "models/aurora-tiny"
-    adapter: str = ""
+    adapter: str = field(default="", metadata={
+        "help": "adapter folder(s): PATH, or several as NAME=PATH,NAME=PATH (one backbone, "
+                "each scored into OUT/NAME; a NAME defaults to the folder's name, or its "
+                "parent's for a folder named 'adapter')"})
     task: str = ""  # default: the adapter's task
     data: str = ""  # the task's data (default: its built-in store)
     out: str = ""
@@ -397,26 +402,59 @@ def _evaluate_on_task(cfg: EvaluateConfig) -> int:
     from weatherpeft.finetune import build_task, task_backbone
     from weatherpeft.results import results_markdown, write_results
 
-    saved = read_adapter_config(cfg.adapter) if cfg.adapter else {}
-    task_name = cfg.task or saved.get("task") or "forecasting"
+    adapters = _named_adapters(cfg.adapter)
+    saved_tasks = {read_adapter_config(path).get("task") for _, path in adapters}
+    if len(saved_tasks) > 1 and not cfg.task:
+        raise ValueError(f"the adapters were trained for different tasks "
+                         f"{sorted(map(str, saved_tasks))}: score them on one with --task")
+    task_name = cfg.task or next(iter(saved_tasks), None) or "forecasting"
     task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data)
     model = task_backbone(cfg.checkpoint, task)
-    if cfg.adapter:
-        model = load_adapter(cfg.adapter, model)
+    if len(adapters) == 1:
+        model = load_adapter(adapters[0][1], model)
+    elif adapters:
+        from weatherpeft.serving import MultiAdapterModel
+
+        model = MultiAdapterModel(model)
+        for name, path in adapters:
+            model.add_adapter(name, path)
     model.eval()
-    start = time.perf_counter()
-    with torch.no_grad():
-        scores = task.evaluate(model, task.dataloader("test", cfg.batch_size))
-    seconds = time.perf_counter() - start
-    print(results_markdown(scores))
-    if cfg.out:
-        about = {"task": task_name, "checkpoint": cfg.checkpoint, "adapter": cfg.adapter,
-                 "data": cfg.data or "built-in", "evaluate_seconds": seconds}
-        json_path, _ = write_results(scores, cfg.out, about)
-        print(f"scores written to {json_path} and metrics.md")
-        if cfg.map_variable:
-            print(f"map written to {_write_map(model, task, cfg)}")
+    runs = adapters if len(adapters) > 1 else [("", adapters[0][1] if adapters else "")]
+    for name, path in runs:
+        if name:
+            model.set_adapter(name)
+            print(f"## adapter {name} ({path})")
+        start = time.perf_counter()
+        with torch.no_grad():
+            scores = task.evaluate(model, task.dataloader("test", cfg.batch_size))
+        seconds = time.perf_counter() - start
+        print(results_markdown(scores))
+        if cfg.out:
+            out = str(Path(cfg.out) / name) if name else cfg.out
+            about = {"task": task_name, "checkpoint": cfg.checkpoint, "adapter": str(path),
+                     "data": cfg.data or "built-in", "evaluate_seconds": seconds}
+            json_path, _ = write_results(scores, out, about)
+            print(f"scores written to {json_path} and metrics.md")
+            if cfg.map_variable:
+                print(f"map written to {_write_map(model, task, replace(cfg, out=out))}")
     return 0
+
+
+def _named_adapters(text: str) -> list[tuple[str, Path]]:
+    """``--adapter``'s (name, folder) pairs: ``PATH`` or ``NAME=PATH``, comma-separated; a name
+    defaults to the folder's name (its parent's for a folder named ``adapter``)."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, path = item.rpartition("=")
+        folder = Path(path)
+        pairs.append((name or (folder.resolve().parent.name if folder.name == "adapter"
+                               else folder.name), folder))
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--adapter: the name(s) {repeated} are given to more than one adapter; "
+                         "name each as NAME=PATH")
+    return pairs
 
 
 def _write_map(model, task, cfg: EvaluateConfig) -> Path:

@@ -586,6 +586,12 @@ class Trainer:
             else torch.zeros(())
         return parameters, norm, float(norm.full_tensor() if distributed.is_dtensor(norm) else norm)
 
+    def start_hooks(self) -> None:
+        """Call every hook's ``on_fit_start`` (by :meth:`fit`, and once by hand-written loops)."""
+        for hook in self.hooks:
+            if hasattr(hook, "on_fit_start"):
+                hook.on_fit_start(self)
+
     def _train_step(self, batches: Iterator[Any]) -> tuple[float, float] | None:
         """One optimizer step over ``accumulation_steps`` micro-batches: (loss, gradient norm),
         or None when a non-finite loss or gradient made it skip the update.
@@ -608,9 +614,21 @@ class Trainer:
         if self.world_size > 1:  # the mean over ranks: the loss of the global batch
             total = distributed.all_reduce(total, "mean")
         loss_value = float(total) / cfg.accumulation_steps
+        return self.apply_gradients(loss_value, partial(self._diagnose_loss, micro_batches))
+
+    def apply_gradients(self, loss_value: float,
+                        diagnose_loss: Callable[[], str]) -> tuple[float, float] | None:
+        """Everything of one optimizer step after backward: finiteness checks, the hooks,
+        gradient clipping, ``optimizer.step()`` and the schedule. (loss, gradient norm), or None
+        when a non-finite loss or gradient made it skip the update.
+
+        Shared by :meth:`fit` and hand-written loops (:mod:`weatherpeft.api`), so that the
+        methods' hooks run in one order everywhere. ``diagnose_loss()`` says where a
+        non-finite ``loss_value`` came from.
+        """
+        cfg = self.config
         if not math.isfinite(loss_value):
-            return self._non_finite(f"training loss is {loss_value}",
-                                    partial(self._diagnose_loss, micro_batches))
+            return self._non_finite(f"training loss is {loss_value}", diagnose_loss)
         grads, norm, grad_norm = self._gradient_norm()
         backward_hooks = [hook for hook in self.hooks if hasattr(hook, "on_after_backward")]
         if backward_hooks and math.isfinite(grad_norm):
@@ -773,9 +791,7 @@ class Trainer:
                     json.dump({**cfg.to_dict(), "world_size": self.world_size}, stream, indent=1)
         if self.world_size > 1:
             distributed.barrier()  # every rank has read the folder before rank 0 writes to it
-        for hook in self.hooks:
-            if hasattr(hook, "on_fit_start"):
-                hook.on_fit_start(self)
+        self.start_hooks()
 
         target = cfg.steps if until_step is None else min(int(until_step), cfg.steps)
         summary = {"step": float(self.step), "skipped_steps": float(self.skipped_steps)}

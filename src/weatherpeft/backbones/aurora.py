@@ -404,6 +404,51 @@ class AuroraBackbone(Backbone):
                    strict=strict, architecture=architecture, extra_surf_vars=extra_surf,
                    extra_atmos_vars=extra_atmos, activation_checkpointing=activation_checkpointing)
 
+    @classmethod
+    def from_aurora(cls, model: Aurora, *, stats: NormalisationStats | None = None,
+                    activation_checkpointing: bool = False) -> AuroraBackbone:
+        """Wrap a user's own ``aurora.Aurora`` (any class, size and weights) in place: its modules
+        become this backbone's, nothing is copied, and training the backbone trains ``model``.
+
+        Every parameter counts as pretrained (no task head). Normalisation stays Aurora's
+        (its module-level statistics and the model's ``surf_stats``) unless ``stats`` are
+        given, which are then installed before every forward; any pressure level is accepted.
+        The config records the class, variables and the architecture Aurora keeps (patch size,
+        history, timestep, LoRA), so the fingerprint names these weights in this architecture.
+        """
+        if not isinstance(model, Aurora):
+            raise TypeError(f"from_aurora takes an aurora.Aurora, got {type(model).__name__}")
+        self = cls.__new__(cls)
+        Backbone.__init__(self)
+        self._adopt(model)
+        self.stats = stats
+        self.load_report = LoadReport(source=f"a {type(model).__name__} passed in by the caller")
+        self._levels = None
+        self._atmos_statistics = {} if stats is None else \
+            {k: (stats.locations[k], stats.scales[k]) for k in stats.locations}
+        self._config = {
+            "family": "aurora",
+            "preset": f"own {type(model).__name__}",
+            "model_class": type(model).__name__,
+            "architecture": _to_json({"patch_size": model.patch_size,
+                                      "max_history_size": model.max_history_size,
+                                      "timestep": model.timestep, "use_lora": model.use_lora}),
+            "surf_vars": list(model.surf_vars),
+            "static_vars": list(model.static_vars),
+            "atmos_vars": list(model.atmos_vars),
+            "levels": None,
+            "task_head_surf_vars": [],
+            "task_head_atmos_vars": [],
+            "activation_checkpointing": bool(activation_checkpointing),
+            "aurora_version": importlib.metadata.version("microsoft-aurora"),
+        }
+        if activation_checkpointing:
+            for _, block in self._swin_blocks():
+                block.forward = types.MethodType(_checkpointed_forward, block)
+        self._record_parameter_roles(())
+        self.fingerprint()
+        return self
+
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors``, ``config.json`` and ``normalisation.json`` into folder ``path``.
 
@@ -495,8 +540,9 @@ class AuroraBackbone(Backbone):
         return self._aurora
 
     @property
-    def levels(self) -> tuple[int | float, ...]:
-        """Pressure levels (hPa) this backbone has statistics for."""
+    def levels(self) -> tuple[int | float, ...] | None:
+        """Pressure levels (hPa) this backbone has statistics for (None: any, see
+        :meth:`from_aurora`)."""
         return self._levels
 
     @property
@@ -532,8 +578,9 @@ class AuroraBackbone(Backbone):
             unknown = sorted(set(given) - set(known))
             if unknown:
                 problems.append(f"{kind} variables {unknown} (model has {list(known)})")
-        levels = [level for level in batch.metadata.atmos_levels
-                  if not any(math.isclose(float(level), float(m)) for m in self._levels)]
+        levels = [] if self._levels is None else \
+            [level for level in batch.metadata.atmos_levels
+             if not any(math.isclose(float(level), float(m)) for m in self._levels)]
         if levels:
             problems.append(f"levels {levels} (backbone has statistics for {list(self._levels)})")
         if problems:
