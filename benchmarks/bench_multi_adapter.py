@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         served_forward = {n: median_seconds(lambda n=n: served_call(n), args.repeats)
                           for n in names}
         rotating = median_seconds(lambda: [served_call(n) for n in names], args.repeats) / len(names)
-        del served
+        served = None  # released before the merged models are measured
 
         before = resident()
         merged = [load_merged(save_merged(load_adapter(p, load_backbone(BACKBONE)),

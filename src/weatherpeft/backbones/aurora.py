@@ -430,7 +430,7 @@ class AuroraBackbone(Backbone):
             "family": "aurora",
             "preset": f"own {type(model).__name__}",
             "model_class": type(model).__name__,
-            "architecture": _to_json({"patch_size": model.patch_size,
+            "architecture": to_json({"patch_size": model.patch_size,
                                       "max_history_size": model.max_history_size,
                                       "timestep": model.timestep, "use_lora": model.use_lora}),
             "surf_vars": list(model.surf_vars),
