@@ -126,7 +126,11 @@ def test_plan_expands_the_profiles_and_rejects_bad_input():
     assert {r.seed for r in paper} == {0, 1}
     selection = selection_plan(BenchmarkConfig(profile="paper"), paper)
     assert {r.seed for r in selection} == {0} and {r.stage for r in selection} == {"select"}
-    assert len(selection) == 3 * len({(r.task, r.method, r.encoder_decoder) for r in paper})
+    # chosen once per method and task, under "train", for both protocols
+    assert len(selection) == 3 * len({(r.task, r.method) for r in paper})
+    assert {r.encoder_decoder for r in selection} == {"train"}
+    halved = plan(BenchmarkConfig(profile="paper", step_scale=0.5))
+    assert [2 * r.steps for r in halved] == [r.steps for r in paper]
     assert all(s.steps < next(r.steps for r in paper if r.task == s.task) for s in selection)
     assert selection_plan(BenchmarkConfig(profile="paper", lr=1e-3), paper) == []  # fixed by hand
 
@@ -141,7 +145,8 @@ def test_plan_expands_the_profiles_and_rejects_bad_input():
     for bad, message in (({"profile": "huge"}, "profile"), ({"tasks": ("nowcasting",)}, "task"),
                          ({"encoder_decoder": ("thawed",)}, "encoder_decoder"),
                          ({"accounting": ("union",)}, "accounting"), ({"lr_grid": ("1e-3",)}, "LR/NEW_LR"),
-                         ({"budgets": (1.5,)}, "budget"), ({"steps": -1}, "steps")):
+                         ({"budgets": (1.5,)}, "budget"), ({"steps": -1}, "steps"),
+                         ({"step_scale": 0.0}, "step-scale")):
         with pytest.raises(ValueError, match=message):
             BenchmarkConfig(**bad)
     with pytest.raises(ValueError, match="unknown method"):
