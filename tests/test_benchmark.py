@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from weatherpeft.benchmark import (RECORD_KEYS, BenchmarkConfig, choose_learning_rates,
+from weatherpeft.benchmark import (RECORD_KEYS, BenchmarkConfig, _with_choices, choose_learning_rates,
                                    estimate_seconds, estimate_wall, plan, run_benchmark,
                                    selection_plan)
 from weatherpeft.benchmark_report import CLAIMS, aggregate, benchmark_markdown, check_claim, claims
@@ -103,6 +103,12 @@ def test_choice_follows_the_validation_loss_never_the_test_scores():
     untrained = choose_learning_rates([candidate(1e-3, None, 1.0), candidate(3e-3, None, 2.0)], (5e-4, 5e-3))
     assert untrained[("downscaling", "lora", "train")]["lr"] == 5e-4
     assert "nothing to train" in untrained[("downscaling", "lora", "train")]["reason"]
+    # the paper profile selects under "train" once; the choice holds under "frozen" too
+    runs = plan(BenchmarkConfig(profile="paper", tasks=("precipitation",), methods=("lora",),
+                                budgets=(0.003,), seeds=(0,)))
+    chosen = _with_choices(runs, {("precipitation", "lora", "train"): {"lr": 3e-3, "new_lr": 2e-2}})
+    assert sorted((r.encoder_decoder, r.lr, r.new_lr) for r in chosen) == [("frozen", 3e-3, 2e-2),
+                                                                          ("train", 3e-3, 2e-2)]
 
 
 def test_plan_expands_the_profiles_and_rejects_bad_input():

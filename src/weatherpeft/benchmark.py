@@ -603,8 +603,8 @@ def _about(config: BenchmarkConfig, workers: int) -> dict[str, Any]:
 def describe_plan(selection: Sequence[Run], runs: Sequence[Run], workers: int) -> str:
     """What will run and the cost model's estimate of how long (printed before starting)."""
     selection_wall, test_wall = estimate_wall(selection, workers), estimate_wall(runs, workers)
-    lines = [f"selection: {len(selection)} runs ({len({r.selection_key for r in selection})} task × "
-             f"method × protocol choices), ~{selection_wall / 60:.0f} min" if selection else
+    lines = [f"selection: {len(selection)} runs ({len({r.selection_key for r in selection})} learning-rate "
+             f"choices), ~{selection_wall / 60:.0f} min" if selection else
              "selection: none (fixed learning rates)",
              f"test: {len(runs)} runs, ~{test_wall / 60:.0f} min",
              f"estimated wall time: ~{(selection_wall + test_wall) / 60:.0f} min with {workers} "
