@@ -148,8 +148,8 @@ PROFILES = {
     # rivals and ablation baselines are the paper profile's), both budgets, both accountings, one
     # seed; learning rates chosen from the grid on a quarter-length schedule (16 validation
     # batches). Lengths: downscaling 150 steps (~0.3 epoch; the lead's 2,000-step curve of full
-    # fine-tuning is still falling at 800: validation loss 0.153 at 200, 0.136 at 300, 0.119 at
-    # 500, 0.107 at 800), post-processing 60 (one epoch of its 121 samples; the task does not
+    # fine-tuning flattens only from ~1,500: validation loss 0.153 at 200, 0.136 at 300, 0.119 at
+    # 500, 0.107 at 800, 0.099 at 1,500), post-processing 60 (one epoch of its 121 samples; the task does not
     # separate methods), precipitation 300 (cheap steps; full fine-tuning's curve flattens from
     # ~500, 0.275, to 0.244 at 2,000).
     "standard": Profile(tasks=TASK_NAMES, methods=HEADLINE_METHODS, budgets=PAPER_BUDGETS,
@@ -165,7 +165,7 @@ PROFILES = {
     # by the cost model (`--dry-run`): the grid's fixed cost alone (set-up, test evaluation,
     # validation of 312 runs) is ~1 h, so a 2-hour run (`--step-scale 0.25`: 100 / 30 / 150
     # steps) trains less than the standard profile. Lengths: downscaling 400 (the task that
-    # separates methods; still improving there), post-processing 120 (2 epochs; it does not
+    # separates methods; still improving there, flat from ~1,500), post-processing 120 (2 epochs; it does not
     # separate methods), precipitation 600 (past the flattening at ~500).
     "paper": Profile(tasks=TASK_NAMES, methods=PAPER_METHODS, budgets=PAPER_BUDGETS,
                      steps={"downscaling": 400, "postprocessing": 120, "precipitation": 600},
