@@ -132,7 +132,7 @@ class Profile:
 
 
 PROFILES = {
-    # ≤ 10 min on the 2-core machine (~3 min quiet by the cost model; measured in
+    # ≤ 10 min on the 2-core machine (~4 min quiet by the cost model; 18.7 min measured at load ≈ 9, in
     # docs/results/benchmark_costs/README.md): the core comparison at the small budget under the
     # paper's protocol, both accountings (WeatherPEFT's strict form is one more run per task), 20
     # steps, a 2-point learning curve; no selection stage (the profile's pair). Too short to rank
