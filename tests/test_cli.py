@@ -90,6 +90,7 @@ def test_demo_compares_weatherpeft_and_lora_and_writes_adapters_and_a_map(tmp_pa
         assert (out / method / "adapter" / "adapter.safetensors").is_file()
     assert (out / "weatherpeft_2t_map.png").read_bytes()[:4] == b"\x89PNG"
     assert f"weatherpeft adapter info {out / 'weatherpeft' / 'adapter'}" in printed
+    assert "Equal stored size: both adapters store at most the budget" in printed  # strict by default
 
 
 def test_finetune_and_evaluate_a_downstream_task_with_maps(tmp_path, capsys):

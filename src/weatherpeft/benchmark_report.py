@@ -3,14 +3,17 @@
 Tables follow the paper's layout: downscaling RMSE of T2m, U10, V10, T850, Z500;
 post-processing CRPS per channel; precipitation SEEPS and ACC at each lead; each with its
 references (bilinear interpolation, the raw ensemble, persistence, climatology), one row
-per method and budget, mean ± standard deviation over seeds. The best parameter-efficient
-method per column and budget is in bold. A cost table and a check of the paper's claims
-on this data follow, then ``quality_vs_stored.png``: each task's score against the
-parameters an adapter stores.
+per method and budget with what it trains per step, stores, and its head and encoder/decoder
+counts, mean ± standard deviation over seeds. The best parameter-efficient method per column
+and budget is in bold. Then the paper's claims and ablation order (:data:`CLAIMS`, evaluated
+by :func:`check_claim`), the learning rates chosen on validation, a cost table, and the plots
+``quality_vs_stored*.png`` (each task's score against the parameters an adapter stores) and
+``learning_curves.png`` (validation loss against step).
 
-Records are grouped by protocol (``encoder_decoder``; records without one are "frozen"): one
-set of tables, claims and plot per protocol benchmarked. Every table also shows the
-"encoder/decoder only" reference: the frozen method under "train".
+Records are grouped by view: protocol (``encoder_decoder``; records without one are "frozen")
+× accounting ("trainable"; "stored" runs SFAS and WeatherPEFT strictly capped, every other
+method's records serve both). One set of tables and claims per view. Every table also shows
+the "encoder/decoder only" reference: the frozen method under "train".
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weatherpeft.atomic import atomic_write, write_text
 
-__all__ = ["aggregate", "benchmark_markdown", "claims", "protocols", "save_quality_plot",
-           "write_report"]
+__all__ = ["CLAIMS", "Claim", "aggregate", "benchmark_markdown", "check_claim", "claims", "protocols",
+           "save_learning_curves", "save_quality_plot", "views", "write_report"]
 
 #: The paper's downscaling variables, in its column order (our channel names).
 DOWNSCALING_CHANNELS = ("2t", "10u", "10v", "t850", "z500")
@@ -40,12 +44,27 @@ PROTOCOL_TITLES = {
     "train": "Protocol `encoder_decoder=train` (the paper's): every method, frozen and full "
              "included, also trains the encoder/decoder whole, outside the budget and the "
              "stored counts (their size is given apart)"}
+ACCOUNTING_TITLES = {
+    "trainable": "accounting: equal entries trained per step (the paper's; SFAS and WeatherPEFT "
+                 "store the union of what they moved)",
+    "stored": "accounting: equal entries stored (SFAS and WeatherPEFT capped, budget_mode strict)"}
 #: The reference row of the encoder/decoder alone: the frozen method under "train".
 ENCODER_DECODER_ONLY = "encoder/decoder only"
+#: Methods whose "stored" accounting differs (they run once per accounting).
+UNION_METHODS = ("sfas", "weatherpeft")
 
 
 def _protocol(record: Mapping[str, Any]) -> str:
     return record.get("encoder_decoder") or "frozen"
+
+
+def _accounting(record: Mapping[str, Any]) -> str:
+    return record.get("accounting") or "trainable"
+
+
+def _in_view(record: Mapping[str, Any], encoder_decoder: str, accounting: str) -> bool:
+    return _protocol(record) == encoder_decoder and \
+        (record["method"] not in UNION_METHODS or _accounting(record) == accounting)
 
 
 def protocols(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -53,18 +72,26 @@ def protocols(records: Sequence[Mapping[str, Any]]) -> list[str]:
     alone does not make "train" one)."""
     found = [_protocol(r) for r in records if _protocol(r) == "frozen" or r["method"] != "frozen"]
     return list(dict.fromkeys(found or [_protocol(r) for r in records]))
+
+
+def views(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(protocol, accounting) pairs the records hold, protocols in record order."""
+    accountings = list(dict.fromkeys(_accounting(r) for r in records if r["method"] in UNION_METHODS))
+    return [(p, a) for p in protocols(records) for a in accountings or ["trainable"]]
+
+
 TITLES = {"downscaling": "Global downscaling: RMSE (lower is better)",
           "postprocessing": "Ensemble post-processing: CRPS (lower is better)",
           "precipitation": "Regional precipitation: SEEPS (lower is better) and ACC (higher is better)"}
 
 
-def aggregate(records: Sequence[Mapping[str, Any]],
-              encoder_decoder: str = "frozen") -> dict[tuple, dict[str, Any]]:
+def aggregate(records: Sequence[Mapping[str, Any]], encoder_decoder: str = "frozen",
+              accounting: str = "trainable") -> dict[tuple, dict[str, Any]]:
     """(task, method, budget) → {"metrics": {key: (mean, std, n)}, "runs": [records]} over seeds,
-    of the records under protocol ``encoder_decoder``."""
+    of the records in the view (protocol ``encoder_decoder``, ``accounting``)."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
-        if not record.get("error") and _protocol(record) == encoder_decoder:
+        if not record.get("error") and _in_view(record, encoder_decoder, accounting):
             groups.setdefault((record["task"], record["method"], record["budget"]), []).append(record)
     result = {}
     for key, runs in groups.items():
@@ -126,28 +153,41 @@ def _higher_is_better(suffix: str) -> bool:
     return suffix.startswith("acc/")
 
 
+def _count(value: Any, pretrained: Any = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,}" + (f" ({value / pretrained:.2%})" if pretrained else "")
+
+
+def _size_cells(run: Mapping[str, Any]) -> str:
+    """trainable / step, stored (with % of the backbone), head, encoder/decoder trained."""
+    pretrained = run.get("pretrained")
+    return " | ".join((_count(run.get("trainable"), pretrained), _count(run.get("stored"), pretrained),
+                       _count(run.get("head")), _count(run.get("encoder_decoder_parameters") or None)))
+
+
 def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]],
-                coder_only: Mapping[str, Any] | None = None, protocol: str = "frozen") -> list[str]:
+                coder_only: Mapping[str, Any] | None = None, protocol: str = "frozen",
+                title_suffix: str = "") -> list[str]:
     """One task's table; ``coder_only``: the encoder/decoder-only group (frozen under "train"),
     shown as a reference row (and not again as the frozen method's row under "train")."""
     keys = [k for k in _order(groups, task) if not (protocol == "train" and k[1] == "frozen")]
     if not keys:
         return []
     columns = _columns(task, groups[keys[0]]["metrics"])
-    suffix_title = "" if protocol == "frozen" else f" — encoder/decoder {protocol}"
-    lines = [f"## {TITLES.get(task, task)}{suffix_title}", "",
-             "| method | budget | stored (% of backbone) | " + " | ".join(h for h, _ in columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]
+    lines = [f"## {TITLES.get(task, task)}{title_suffix}", "",
+             "| method | budget | trainable / step (% of backbone) | stored | head | enc/dec trained | "
+             + " | ".join(h for h, _ in columns) + " |", "|---|---|---|---|---|---|" + "---|" * len(columns)]
     reference_metrics = groups[keys[0]]["metrics"]
+    blank = " | ".join(["—"] * 4)
     for source, label in REFERENCES.get(task, {}).items():
         cells = [_cell(reference_metrics.get(f"{source}/{suffix}")) for _, suffix in columns]
         if any(c != "—" for c in cells):
-            lines.append(f"| *{label}* | — | — | " + " | ".join(cells) + " |")
+            lines.append(f"| *{label}* | — | {blank} | " + " | ".join(cells) + " |")
     if coder_only is not None:
         cells = [_cell(coder_only["metrics"].get(f"model/{suffix}")) for _, suffix in columns]
-        size = coder_only["runs"][0].get("encoder_decoder_parameters")
-        stored = "—" if size is None else f"{size:,} enc/dec"
-        lines.append(f"| *{ENCODER_DECODER_ONLY}* | — | {stored} | " + " | ".join(cells) + " |")
+        lines.append(f"| *{ENCODER_DECODER_ONLY}* | — | {_size_cells(coder_only['runs'][0])} | "
+                     + " | ".join(cells) + " |")
     best: dict[tuple, float] = {}
     for key in keys:
         if key[1] in NOT_PEFT:
@@ -162,11 +202,6 @@ def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]],
     for key in keys:
         _, method, budget = key
         group = groups[key]
-        run = group["runs"][0]
-        stored = f"{run['stored']:,} ({run['stored'] / max(run['pretrained'], 1):.2%})" \
-            if run.get("stored") is not None else "—"
-        if run.get("encoder_decoder_parameters"):
-            stored += f" + {run['encoder_decoder_parameters']:,} enc/dec"
         cells = []
         for _, suffix in columns:
             entry = group["metrics"].get(f"model/{suffix}")
@@ -174,146 +209,227 @@ def _task_table(task: str, groups: Mapping[tuple, Mapping[str, Any]],
             bold = method not in NOT_PEFT and entry is not None and \
                 sign * entry[0] == best.get((budget, suffix))
             cells.append(_cell(entry, bold))
-        lines.append(f"| {method} | {_budget_label(budget)} | {stored} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {_budget_label(budget)} | {_size_cells(group['runs'][0])} | "
+                     + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def _cost_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["## Cost per run", "",
-             "Train time and step time come from runs sharing the machine (see `workers`); the "
-             "efficiency benchmark measures speed side by side. Peak memory is the run's process peak "
+             "Wall time and step time come from runs sharing the machine (see `workers`); the "
+             "efficiency benchmark measures speed side by side. *Estimated* is the cost model's "
+             "(`weatherpeft benchmark --dry-run`). Peak memory is the run's process peak "
              "(resident set on CPU, allocated on CUDA).", "",
-             "| task | method | budget | encoder/decoder | seed | steps | trainable / step | stored | head | "
-             "enc/dec trained | adapter KiB | train s | s / step | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stage | task | method | budget | encoder/decoder | accounting | seed | steps | lr / new_lr | "
+             "trainable / step | stored | head | enc/dec trained | adapter KiB | wall s | estimated s | "
+             "s / step | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        lead = (f"| {r.get('stage', 'test')} | {r['task']} | {r['method']} | {_budget_label(r['budget'])} | "
+                f"{_protocol(r)} | {_accounting(r)} | {r['seed']} |")
         if r.get("error"):
-            lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {_protocol(r)} | "
-                         f"{r['seed']} | — | — | — | — | — | — | — | — | {r['error'][:120]} |")
+            lines.append(lead + " — |" * 10 + f" {r['error'][:120]} |")
             continue
-
-        def count(value: Any) -> str:
-            return "—" if value is None else f"{value:,}"
-
         step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"
-        lines.append(f"| {r['task']} | {r['method']} | {_budget_label(r['budget'])} | {_protocol(r)} | "
-                     f"{r['seed']} | {r['steps']} | {count(r['trainable'])} | {count(r['stored'])} | "
-                     f"{count(r['head'])} | {count(r.get('encoder_decoder_parameters'))} | "
-                     f"{(r['adapter_bytes'] or 0) / 1024:,.0f} | {r['train_seconds']:.0f} | {step} | "
+        wall = r.get("wall_seconds") or r["train_seconds"]
+        estimated = r.get("estimated_seconds")
+        lines.append(lead + f" {r['steps']} | {r['lr']:g} / {r['new_lr']:g} | {_count(r['trainable'])} | "
+                     f"{_count(r['stored'])} | {_count(r['head'])} | "
+                     f"{_count(r.get('encoder_decoder_parameters'))} | "
+                     f"{(r['adapter_bytes'] or 0) / 1024:,.0f} | {wall:.0f} | "
+                     f"{'—' if estimated is None else f'{estimated:.0f}'} | {step} | "
                      f"{(r['peak_memory_bytes'] or 0) / 2**20:,.0f} |")
     return lines + [""]
 
 
-def _mean_of(groups: Mapping[tuple, Any], key: tuple, suffixes: Sequence[str]) -> dict[str, float]:
-    if key not in groups:
-        return {}
-    metrics = groups[key]["metrics"]
-    return {s: metrics[f"model/{s}"][0] for s in suffixes if f"model/{s}" in metrics}
+#: The metrics a task's claims and ablation compare (the paper's headline per task).
+HEADLINE_METRICS = {"downscaling": "rmse/", "postprocessing": "crps/", "precipitation": "seeps/"}
+#: How the claims name the methods.
+NAMES = {"weatherpeft": "WeatherPEFT", "tadp": "TADP-only", "sfas": "SFAS-only",
+         "child_tuning": "Child-Tuning_D", "random_mask": "the random mask", "vpt": "VPT-deep",
+         "full": "full fine-tuning", "lora": "LoRA"}
 
 
-def claims(groups: Mapping[tuple, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """The paper's claims checked on these records: (claim, what was measured, verdict)."""
-    rows: list[tuple[str, str, str]] = []
-    budgets = sorted({k[2] for k in groups if k[2] is not None})
-    rmse = [f"rmse/{c}" for c in DOWNSCALING_CHANNELS]
-    full_ds = _mean_of(groups, ("downscaling", "full", None), rmse)
-    for budget in budgets:
-        wp = _mean_of(groups, ("downscaling", "weatherpeft", budget), rmse)
-        others = {k[1]: _mean_of(groups, k, rmse) for k in groups
-                  if k[0] == "downscaling" and k[2] == budget and k[1] not in ("weatherpeft", *NOT_PEFT)}
-        if not wp or not others:
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims as data, checked on one task's headline metric columns.
+
+    ``kind``: "lowest" — ``subject`` is at least as good as every other PEFT method at its budget
+    on every column; "gap" — it closes at least ``threshold`` of the gap from the best other PEFT
+    method to ``other``; "within" — it is at most ``threshold`` (a fraction) worse than ``other``
+    on every column (0: at least as good). ``budgets``: "small" (< 1 %), "large" (> 1 %) or "all".
+    ``text`` names the claim; ``{budget}`` is filled in. ``ablation``: a step of the paper's
+    ablation order.
+    """
+
+    text: str
+    task: str
+    kind: str
+    subject: str = "weatherpeft"
+    other: str = "full"
+    budgets: str = "all"
+    threshold: float = 0.0
+    ablation: bool = False
+
+
+_ABLATION_ORDER = (("weatherpeft", "tadp"), ("weatherpeft", "sfas"), ("sfas", "child_tuning"),
+                   ("sfas", "random_mask"), ("tadp", "vpt"))
+_TASK_LABELS = {"downscaling": "Downscaling", "postprocessing": "Post-processing",
+                "precipitation": "Precipitation"}
+#: The paper's claims, then its ablation order on every task.
+CLAIMS = (
+    Claim("Downscaling {budget}: WeatherPEFT has the lowest RMSE of all PEFT methods on T2m, U10, "
+          "V10, T850, Z500", "downscaling", "lowest"),
+    Claim("Downscaling {budget}: closes ≥ 30 % of the gap from the best other PEFT method to full "
+          "fine-tuning", "downscaling", "gap", budgets="small", threshold=0.3),
+    Claim("Downscaling {budget}: within 2 % of full fine-tuning on every variable", "downscaling",
+          "within", budgets="large", threshold=0.02),
+    Claim("Precipitation {budget}: WeatherPEFT SEEPS ≤ full fine-tuning at every lead", "precipitation",
+          "within", budgets="large"),
+    Claim("Precipitation {budget}: SFAS-only beats TADP-only (SEEPS)", "precipitation", "within",
+          subject="sfas", other="tadp"),
+    Claim("Post-processing {budget}: WeatherPEFT CRPS within 3 % of full fine-tuning", "postprocessing",
+          "within", budgets="small", threshold=0.03),
+) + tuple(Claim(f"Ablation order, {_TASK_LABELS[task]} {{budget}}: {NAMES[subject]} better than "
+                f"{NAMES[other]} ({HEADLINE_METRICS[task].rstrip('/').upper()})", task, "within",
+                subject=subject, other=other, ablation=True)
+          for task in _TASK_LABELS for subject, other in _ABLATION_ORDER)
+
+
+def _columns_of(groups: Mapping[tuple, Mapping[str, Any]], task: str) -> list[str]:
+    """The headline metric columns (suffixes after ``model/``) the task's records have."""
+    prefix = "model/" + HEADLINE_METRICS[task]
+    names = {k[len("model/"):] for (t, _, _), g in groups.items() if t == task for k in g["metrics"]
+             if k.startswith(prefix)}
+    if task == "downscaling":
+        return [f"rmse/{c}" for c in DOWNSCALING_CHANNELS if f"rmse/{c}" in names]
+    return sorted(names, key=lambda n: (len(n), n))
+
+
+def _entry_text(entry: tuple[float, float, int]) -> str:
+    mean, spread, n = entry
+    return _number(mean) + (f" ± {spread:.2g}" if n > 1 else "")
+
+
+def check_claim(claim: Claim, groups: Mapping[tuple, Mapping[str, Any]],
+                budget: float) -> tuple[str, str, str, int] | None:
+    """(claim, measured, verdict, seeds) of ``claim`` at ``budget`` on the aggregated records;
+    None where the records lack what it compares."""
+    if claim.budgets == "small" and budget >= 0.01 or claim.budgets == "large" and budget <= 0.01:
+        return None
+    columns = _columns_of(groups, claim.task)
+    subject = groups.get((claim.task, claim.subject, budget))
+    if subject is None or not columns:
+        return None
+    notes, passes, seeds = [], [], subject["metrics"][f"model/{columns[0]}"][2] \
+        if f"model/{columns[0]}" in subject["metrics"] else 0
+    other_budget = None if claim.other in NOT_PEFT else budget
+    for column in columns:
+        mine = subject["metrics"].get(f"model/{column}")
+        if mine is None:
             continue
-        wins, notes, closed = [], [], []
-        for s in rmse:
-            rivals = {m: v[s] for m, v in others.items() if s in v}
-            if s not in wp or not rivals:
+        label = column.split("/")[-1]
+        sign = -1 if _higher_is_better(column) else 1
+        if claim.kind in ("lowest", "gap"):
+            rivals = {k[1]: g["metrics"][f"model/{column}"] for k, g in groups.items()
+                      if k[0] == claim.task and k[2] == budget and k[1] not in (claim.subject, *NOT_PEFT)
+                      and f"model/{column}" in g["metrics"]}
+            if not rivals:
                 continue
-            rival, value = min(rivals.items(), key=lambda item: item[1])
-            channel = s.split("/")[1]
-            wins.append(wp[s] <= value)
-            notes.append(f"{channel} {_number(wp[s])} vs {rival} {_number(value)}")
-            if s in full_ds and value != full_ds[s]:
-                closed.append((channel, (value - wp[s]) / (value - full_ds[s])))
-        rows.append((f"Downscaling {_budget_label(budget)}: WeatherPEFT has the lowest RMSE of all PEFT methods "
-                     "on T2m, U10, V10, T850, Z500", "; ".join(notes),
-                     f"{'met' if all(wins) else 'not met'} ({sum(wins)}/{len(wins)})"))
-        if budget < 0.01 and closed:
-            rows.append((f"Downscaling {_budget_label(budget)}: closes ≥ 30 % of the gap from the best other "
-                         "PEFT method to full fine-tuning",
-                         "; ".join(f"{c} {g:.0%}" for c, g in closed),
-                         f"{'met' if all(g >= 0.3 for _, g in closed) else 'not met'} "
-                         f"({sum(g >= 0.3 for _, g in closed)}/{len(closed)})"))
-        if budget > 0.01 and full_ds:
-            ratios = [(s.split("/")[1], wp[s] / full_ds[s] - 1) for s in rmse if s in wp and s in full_ds]
-            rows.append((f"Downscaling {_budget_label(budget)}: within 2 % of full fine-tuning on every variable",
-                         "; ".join(f"{c} {r:+.1%}" for c, r in ratios),
-                         f"{'met' if all(r <= 0.02 for _, r in ratios) else 'not met'} "
-                         f"({sum(r <= 0.02 for _, r in ratios)}/{len(ratios)})"))
-    seeps = sorted({k.split("/", 1)[1] for g in groups.values() for k in g["metrics"]
-                    if k.startswith("model/seeps/")})
-    full_pr = _mean_of(groups, ("precipitation", "full", None), seeps)
-    for budget in budgets:
-        wp = _mean_of(groups, ("precipitation", "weatherpeft", budget), seeps)
-        if budget > 0.01 and wp and full_pr:
-            ok = [wp[s] <= full_pr[s] for s in seeps if s in wp and s in full_pr]
-            rows.append((f"Precipitation {_budget_label(budget)}: WeatherPEFT SEEPS ≤ full fine-tuning at every lead",
-                         "; ".join(f"{s.split('/')[-1]} {_number(wp[s])} vs {_number(full_pr[s])}"
-                                   for s in seeps if s in wp and s in full_pr),
-                         f"{'met' if all(ok) else 'not met'} ({sum(ok)}/{len(ok)})"))
-        sfas = _mean_of(groups, ("precipitation", "sfas", budget), seeps)
-        tadp = _mean_of(groups, ("precipitation", "tadp", budget), seeps)
-        if sfas and tadp:
-            ok = [sfas[s] <= tadp[s] for s in seeps if s in sfas and s in tadp]
-            rows.append((f"Precipitation {_budget_label(budget)}: SFAS-only beats TADP-only (SEEPS)",
-                         "; ".join(f"{s.split('/')[-1]} {_number(sfas[s])} vs {_number(tadp[s])}"
-                                   for s in seeps if s in sfas and s in tadp),
-                         f"{'met' if all(ok) else 'not met'} ({sum(ok)}/{len(ok)})"))
-    crps = sorted({k.split("/", 1)[1] for (task, _, _), g in groups.items() if task == "postprocessing"
-                   for k in g["metrics"] if k.startswith("model/crps/")})
-    full_pp = _mean_of(groups, ("postprocessing", "full", None), crps)
-    for budget in budgets:
-        wp = _mean_of(groups, ("postprocessing", "weatherpeft", budget), crps)
-        if budget < 0.01 and wp and full_pp:
-            ratios = [(s.split("/")[1], wp[s] / full_pp[s] - 1) for s in crps if s in wp and s in full_pp]
-            rows.append((f"Post-processing {_budget_label(budget)}: WeatherPEFT CRPS within 3 % of full fine-tuning",
-                         "; ".join(f"{c} {r:+.1%}" for c, r in ratios),
-                         f"{'met' if all(r <= 0.03 for _, r in ratios) else 'not met'} "
-                         f"({sum(r <= 0.03 for _, r in ratios)}/{len(ratios)})"))
-    return rows
+            rival, best = min(rivals.items(), key=lambda item: sign * item[1][0])
+            if claim.kind == "lowest":
+                passes.append(sign * mine[0] <= sign * best[0])
+                notes.append(f"{label} {_entry_text(mine)} vs {rival} {_entry_text(best)}")
+                continue
+            reference = groups.get((claim.task, claim.other, None), {}).get("metrics", {}).get(f"model/{column}")
+            if reference is None or reference[0] == best[0]:
+                continue
+            closed = (best[0] - mine[0]) / (best[0] - reference[0])
+            passes.append(closed >= claim.threshold)
+            notes.append(f"{label} {closed:.0%}")
+            continue
+        other = groups.get((claim.task, claim.other, other_budget), {}).get("metrics", {}).get(f"model/{column}")
+        if other is None:
+            continue
+        excess = sign * (mine[0] - other[0]) / abs(other[0])
+        passes.append(excess <= claim.threshold)
+        notes.append(f"{label} {excess:+.1%}" if claim.threshold else
+                     f"{label} {_entry_text(mine)} vs {_entry_text(other)}")
+    if not passes:
+        return None
+    verdict = f"{'met' if all(passes) else 'not met'} ({sum(passes)}/{len(passes)})"
+    return claim.text.format(budget=_budget_label(budget)), "; ".join(notes), verdict, seeds
 
 
-def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any]) -> str:
-    """The whole report: set-up, then per protocol one table per task and the paper's claims,
-    then the cost table."""
+def claims(groups: Mapping[tuple, Mapping[str, Any]]) -> list[tuple[str, str, str, int]]:
+    """Every claim of :data:`CLAIMS` at every budget the records hold: (claim, measured, verdict,
+    seeds), the paper's claims first, then its ablation order."""
+    budgets = sorted({k[2] for k in groups if k[2] is not None})
+    rows = [check_claim(claim, groups, budget) for claim in CLAIMS for budget in budgets]
+    return [row for row in rows if row is not None]
+
+
+def _selection_table(selection: Sequence[Mapping[str, Any]],
+                     choices: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not choices:
+        return []
+    steps = sorted({(r["task"], r["steps"]) for r in selection if not r.get("error")})
+    lines = ["## Learning rates chosen on the validation split", "",
+             "Every method trains each (lr, new_lr) pair of the grid once (first seed, first budget) "
+             "and keeps the pair with the lowest task loss over the whole validation split at the "
+             "last step; the test runs use it at every budget, seed and accounting. No choice reads "
+             "a test score. Schedule: " + ", ".join(f"{t} {s} steps" for t, s in steps) + ".", "",
+             "| task | method | encoder/decoder | chosen lr / new_lr | validation loss per candidate | why |",
+             "|---|---|---|---|---|---|"]
+    for choice in choices:
+        candidates = "; ".join(
+            f"{c['lr']:g}/{c['new_lr']:g}: " + ("failed" if c.get("error") else
+                                                "—" if c["val_loss"] is None else f"{c['val_loss']:.5g}")
+            for c in choice["candidates"])
+        lines.append(f"| {choice['task']} | {choice['method']} | {choice['encoder_decoder']} | "
+                     f"{choice['lr']:g} / {choice['new_lr']:g} | {candidates} | {choice['reason']} |")
+    return lines + [""]
+
+
+def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any],
+                       selection: Sequence[Mapping[str, Any]] = (),
+                       choices: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The whole report: set-up, then per view (protocol × accounting) one table per task and
+    the claims, then the learning rates chosen and the cost table."""
     seeds = sorted({r["seed"] for r in records})
     lines = ["# Benchmark", "",
              f"Command: `{about.get('command', '')}`  ",
              f"Profile `{about.get('profile')}` · backbone `{about.get('config', {}).get('backbone')}` · "
              f"device {about.get('device')} · {about.get('workers')} worker(s) · torch {about.get('torch')} · "
              f"seeds {seeds} (mean ± std where more than one) · started {about.get('started')}"
-             + (f", finished {about['finished']}" if about.get("finished") else ""), ""]
-    protocol = sorted({(r["task"], r["steps"], r["batch_size"], r["lr"], r["new_lr"]) for r in records
+             + (f", finished {about['finished']}" if about.get("finished") else "")
+             + (f" · load average at start {about['load_average']:.1f}" if "load_average" in about else ""),
+             ""]
+    protocol = sorted({(r["task"], r["steps"], r["batch_size"]) for r in records
                        if not r.get("error") and r["steps"]})
     if protocol:
         lines += ["Every method: the same Trainer (AdamW, warm-up 10 % then cosine to 0.1×, clip 1.0), "
                   "data order and seed; `lr` for entries of pretrained weights, `new_lr` for what a method "
-                  "adds and task heads. " + "; ".join(f"{t}: {s} steps × batch {b}, lr {lr:g}, new_lr {nl:g}"
-                                                     for t, s, b, lr, nl in protocol) + ".", ""]
+                  "adds and task heads (each method's pair: the cost table and, where chosen, the "
+                  "selection table). " + "; ".join(f"{t}: {s} steps × batch {b}" for t, s, b in protocol)
+                  + ". Learning curves: `learning_curves.png`.", ""]
     coder_only = aggregate(records, "train")
-    several = len(protocols(records)) > 1 or protocols(records) != ["frozen"]
-    for protocol in protocols(records):
-        groups = aggregate(records, protocol)
+    found = views(records)
+    several = len(found) > 1 or found != [("frozen", "trainable")]
+    for protocol, accounting in found:
+        groups = aggregate(records, protocol, accounting)
         if several:
-            lines += [f"# {PROTOCOL_TITLES[protocol]}", ""]
+            lines += [f"# {PROTOCOL_TITLES[protocol]}; {ACCOUNTING_TITLES[accounting]}", ""]
+        suffix = "" if not several else f" — encoder/decoder {protocol}, {accounting}"
         for task in dict.fromkeys(r["task"] for r in records):
-            lines += _task_table(task, groups, coder_only.get((task, "frozen", None)), protocol)
+            lines += _task_table(task, groups, coder_only.get((task, "frozen", None)), protocol, suffix)
         checked = claims(groups)
         if checked:
-            which = "" if protocol == "frozen" else f" (encoder/decoder {protocol})"
-            lines += [f"## The paper's claims on this data{which}", "",
-                      "| claim | measured | verdict |", "|---|---|---|"]
-            lines += [f"| {c} | {m} | {v} |" for c, m, v in checked] + [""]
-    lines += _cost_table(records)
+            lines += [f"## The paper's claims and ablation order on this data{suffix}", "",
+                      "| claim | measured (mean ± std over seeds) | verdict | seeds |", "|---|---|---|---|"]
+            lines += [f"| {c} | {m} | {v} | {n} |" for c, m, v, n in checked] + [""]
+    lines += _selection_table(selection, choices)
+    lines += _cost_table(list(selection) + list(records))
     return "\n".join(lines)
 
 
@@ -331,15 +447,15 @@ def _summary_score(task: str, metrics: Mapping[str, tuple]) -> float | None:
 
 
 def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path,
-                      encoder_decoder: str = "frozen") -> Path | None:
+                      encoder_decoder: str = "frozen", accounting: str = "trainable") -> Path | None:
     """One panel per task: score against stored parameters (log), a line per method over budgets,
-    for the records under protocol ``encoder_decoder``."""
+    for the records in the view (protocol ``encoder_decoder``, ``accounting``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = aggregate(records, encoder_decoder)
+    groups = aggregate(records, encoder_decoder, accounting)
     tasks = list(dict.fromkeys(k[0] for k in groups))
     if not tasks:
         return None
@@ -386,11 +502,68 @@ def _save(figure, path: Path) -> Path:
         plt.close(figure)
 
 
-def write_report(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any], out: str | Path) -> None:
-    """``benchmark.md`` and ``quality_vs_stored.png`` (``quality_vs_stored_encoder_decoder_train.png``
-    for the "train" protocol) into ``out``."""
+#: The learning curves drawn: (label, method, protocol or None for the panel's own).
+CURVES = (("full", "full", None), (ENCODER_DECODER_ONLY, "frozen", "train"), ("LoRA", "lora", None),
+          ("WeatherPEFT", "weatherpeft", None))
+
+
+def _mean_curve(runs: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float]]:
+    """Validation loss per step, mean over the runs (seeds) logging that step."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for step, loss in run.get("curve") or []:
+            by_step.setdefault(int(step), []).append(float(loss))
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+def save_learning_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Validation loss against step: a row per protocol, a panel per task; full,
+    encoder/decoder only, LoRA and WeatherPEFT (smallest budget, "trainable" accounting), mean
+    over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = protocols(records)
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    if not any(r.get("curve") for r in records):
+        return None
+    figure, axes = plt.subplots(len(rows), len(tasks), figsize=(5 * len(tasks), 3.6 * len(rows)),
+                                squeeze=False, constrained_layout=True)
+    for row, protocol in zip(axes, rows):
+        for axis, task in zip(row, tasks):
+            for label, method, fixed in CURVES:
+                groups = aggregate(records, fixed or protocol)
+                keys = sorted((k for k in groups if k[0] == task and k[1] == method),
+                              key=lambda k: k[2] or 0.0)
+                if method == "frozen" and fixed is None or not keys:
+                    continue
+                steps, losses = _mean_curve(groups[keys[0]]["runs"])
+                if steps:
+                    budget = "" if keys[0][2] is None else f" {_budget_label(keys[0][2])}"
+                    axis.plot(steps, losses, marker=".", label=label + budget,
+                              **({"color": "black", "linewidth": 2} if method == "weatherpeft" else {}))
+            axis.set_title(f"{task} — encoder/decoder {protocol}", fontsize=9)
+            axis.set_xlabel("step")
+            axis.set_ylabel("validation loss")
+            axis.grid(alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=7)
+    return _save(figure, Path(path))
+
+
+def write_report(records: Sequence[Mapping[str, Any]], about: Mapping[str, Any], out: str | Path,
+                 selection: Sequence[Mapping[str, Any]] = (),
+                 choices: Sequence[Mapping[str, Any]] = ()) -> None:
+    """``benchmark.md``, ``learning_curves.png`` and one ``quality_vs_stored*.png`` per view
+    (``quality_vs_stored.png`` for "frozen"/"trainable", else suffixed
+    ``_encoder_decoder_<protocol>`` and ``_stored``) into ``out``."""
     out = Path(out)
-    write_text(out / "benchmark.md", benchmark_markdown(records, about))
-    for protocol in protocols(records):
-        name = "quality_vs_stored" + ("" if protocol == "frozen" else f"_encoder_decoder_{protocol}")
-        save_quality_plot(records, out / f"{name}.png", protocol)
+    write_text(out / "benchmark.md", benchmark_markdown(records, about, selection, choices))
+    for protocol, accounting in views(records):
+        name = "quality_vs_stored" + ("" if protocol == "frozen" else f"_encoder_decoder_{protocol}") \
+            + ("" if accounting == "trainable" else f"_{accounting}")
+        save_quality_plot(records, out / f"{name}.png", protocol, accounting)
+    save_learning_curves(records, out / "learning_curves.png")
