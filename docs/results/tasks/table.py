@@ -28,7 +28,8 @@ def label(s):
     elif o not in ("{}", ""): m = f"{m} {o}"
     if s["method"] not in ("full", "frozen"): m = f"{m} 0.3 %"
     proto = s.get("protocol", "frozen")
-    return f"{m} [{proto}]"
+    lrs = f" lr {s['lrs']}" if s.get("lrs") else ""
+    return f"{m} [{proto}]{lrs}"
 groups = collections.defaultdict(list)
 for s in runs:
     key = (s["variant"], json.dumps(s["kwargs"], sort_keys=True), s["steps"])
