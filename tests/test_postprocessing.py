@@ -313,6 +313,68 @@ def test_evaluate_scores_model_and_raw_ensemble(task, raw):
     assert scores["ensemble/spread_skill/2t"] < 1  # the raw ensemble is under-dispersive
 
 
+class Climatology(torch.nn.Module):
+    """Every head outputs its variable's normalisation location: normalised output 0."""
+
+    def __init__(self, stats, levels):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.stats, self.levels = stats, levels
+
+    def forward(self, batch: Batch) -> Batch:
+        def location(name: str, values: torch.Tensor) -> torch.Tensor:
+            if values.dim() == 4:
+                return torch.full_like(values[:, -1:], self.stats.locations[name])
+            per_level = [self.stats.locations[f"{name}_{level}"] for level in self.levels]
+            return torch.tensor(per_level).reshape(1, 1, -1, 1, 1).expand_as(values[:, -1:]).clone()
+
+        return dataclasses.replace(batch, surf_vars={k: location(k, v) for k, v in batch.surf_vars.items()},
+                                   atmos_vars={k: location(k, v) for k, v in batch.atmos_vars.items()})
+
+
+def test_residual_head_form_starts_from_the_ensemble(pretrained_stats):
+    """μ = μ_ens + o_v·σ_ens, σ = exp(o_s)·σ_ens + floor: heads at o = 0 give the raw ensemble."""
+    task = PostprocessingTask(periods=PERIODS, stats=pretrained_stats, head_form="residual")
+    inputs, target = task.dataloader("test", batch_size=2).__iter__().__next__()
+    model = Climatology(task.stats, task.levels)
+    gaussians = task.gaussian(model(inputs), inputs=inputs)
+    for v, group in (("2t", "surf_vars"), ("t", "atmos_vars")):
+        mean, std = gaussians[v]
+        given = getattr(inputs, group)
+        torch.testing.assert_close(mean, given[v][:, -1:], rtol=1e-5, atol=1e-3)
+        floor = task._constants(v, task.levels if v == "t" else (), mean.device)[1]
+        torch.testing.assert_close(std, given[f"{v}_spread"][:, -1:] + floor, rtol=1e-5, atol=1e-5)
+    # The loss needs the inputs and gets them through training_loss.
+    with pytest.raises(ValueError, match="residual.*needs the inputs"):
+        task.loss(model(inputs), target)
+    assert torch.isfinite(task.training_loss(model, (inputs, target)))
+    prediction, _ = task.sample_prediction(model, "test", 0)
+    one, _ = task.collated_sample("test", 0)
+    torch.testing.assert_close(prediction.surf_vars["2t"], one.surf_vars["2t"][:, -1:], rtol=1e-5, atol=1e-3)
+
+
+def test_truth_offset_verifies_later_than_the_ensemble(pretrained_stats, raw):
+    _, truth = raw
+    task = PostprocessingTask(periods=PERIODS, stats=pretrained_stats, truth_offset="24h")
+    dataset = task.datasets()["test"]
+    inputs, target = dataset[0]
+    init, valid = dataset.sample_times(0)
+    assert pd.Timestamp(valid) - pd.Timestamp(init) == pd.Timedelta(hours=72)
+    assert inputs.metadata.time == (valid - pd.Timedelta("24h"),) and target.metadata.time == (valid,)
+    expected = _field(truth["2m_temperature"].sel(time=np.datetime64(valid)))
+    np.testing.assert_allclose(target.surf_vars["2t"][0, 0], expected, rtol=1e-6)
+    assert (task.inits("test") + pd.Timedelta("72h") <= pd.Timestamp(PERIODS["test"][1])).all()
+    scores = task.evaluate(Echo(), task.dataloader("test", batch_size=2))
+    assert math.isfinite(scores["ensemble/crps/2t"])
+
+
+def test_bad_head_form_or_offset_is_refused(pretrained_stats):
+    with pytest.raises(ValueError, match="head_form must be one of"):
+        PostprocessingTask(periods=PERIODS, stats=pretrained_stats, head_form="exp")
+    with pytest.raises(ValueError, match="truth_offset must not be negative"):
+        PostprocessingTask(periods=PERIODS, stats=pretrained_stats, truth_offset="-6h")
+
+
 def test_tiny_fine_tuning_run_evaluates_to_finite_scores(task, tmp_path):
     from weatherpeft.methods.base import apply_method
     from weatherpeft.train import TrainConfig, Trainer

@@ -1,4 +1,6 @@
-"""Exploration runner: python run.py VARIANT METHOD STEPS SEED OUT [OPTIONS_JSON] [TASK_KWARGS_JSON]"""
+"""Exploration runner: python run.py VARIANT METHOD STEPS SEED OUT [OPTIONS_JSON] [TASK_KWARGS_JSON] [PROTOCOL] [LRS_JSON]
+
+LRS_JSON: {"lr": pretrained entries (default 1e-3), "encoder_decoder_lr": under train (default lr)}."""
 import json, sys, time, logging
 import torch
 torch.set_num_threads(1)
@@ -23,12 +25,14 @@ if kwargs:
     tasks.TASKS[base] = build
 logging.basicConfig(level=logging.WARNING)
 protocol = sys.argv[8] if len(sys.argv) > 8 else "frozen"
-cfg = FinetuneConfig(task=base, method=method, budget=0.003, options=options, new_lr=6e-3, threads=1, encoder_decoder=protocol)
-train = training_protocol(steps, 2, 1e-3, seed, out)
+lrs = json.loads(sys.argv[9]) if len(sys.argv) > 9 else {}
+cfg = FinetuneConfig(task=base, method=method, budget=0.003, options=options, new_lr=6e-3, threads=1, encoder_decoder=protocol,
+                     encoder_decoder_lr=lrs.get("encoder_decoder_lr", 0.0))
+train = training_protocol(steps, 2, lrs.get("lr", 1e-3), seed, out)
 t0 = time.time()
 result = run_finetune(cfg, train)
 wall = time.time() - t0
-json.dump({"protocol": protocol, "variant": variant, "kwargs": kwargs, "method": method, "options": options, "steps": steps,
+json.dump({"protocol": protocol, "lrs": lrs, "val_loss": result.get("val_loss"), "variant": variant, "kwargs": kwargs, "method": method, "options": options, "steps": steps,
            "seed": seed, "wall": wall, "fit_seconds": result["fit_seconds"], "test": result["test"]},
           open(out + "/summary.json", "w"), indent=1)
 print("done", variant, method, steps, seed, f"{wall:.0f}s")

@@ -6,6 +6,7 @@ runs = []
 for f in sorted(glob.glob(os.path.join(os.environ.get("RUNS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")), "*/summary.json"))):
     s = json.load(open(f)); s["name"] = os.path.basename(os.path.dirname(f)); runs.append(s)
 DS = ("2t", "10u", "10v", "t850", "z500")
+PP = ("2t", "10u", "10v", "z500", "z850", "t500", "t850")
 def head(s):
     t = s["test"]
     if s["variant"].startswith("ds"):
@@ -14,7 +15,7 @@ def head(s):
     if s["variant"].startswith("pp"):
         ch = [k.split("/")[-1] for k in t if k.startswith("model/crps/")]
         return {"ratio7": statistics.fmean(t[f"model/crps/{c}"] / t[f"ensemble/crps/{c}"] for c in ch),
-                **{c: t[f"model/crps/{c}"] for c in ("2t", "10u", "z500", "t850")}}
+                **{c: t[f"model/crps/{c}"] for c in PP}}
     out = {f"SEEPS {l}": t[f"model/seeps/tp/{l}"] for l in ("12h", "24h", "36h")}
     out = {"SEEPS mean": statistics.fmean(out.values()), **out,
            **{f"ACC {l}": t[f"model/acc/tp/{l}"] for l in ("12h", "24h", "36h")}}
@@ -23,10 +24,12 @@ def label(s):
     o = s.get("options", "{}")
     m = s["method"]
     if m == "full" and "encoder" in o: m = "encoder/decoder only (full, include ^encoder./^decoder.)"
+    elif m == "frozen" and s.get("protocol") == "train": m = "encoder/decoder only (frozen)"
     elif o not in ("{}", ""): m = f"{m} {o}"
     if s["method"] not in ("full", "frozen"): m = f"{m} 0.3 %"
     proto = s.get("protocol", "frozen")
-    return f"{m} [{proto}]"
+    lrs = f" lr {s['lrs']}" if s.get("lrs") else ""
+    return f"{m} [{proto}]{lrs}"
 groups = collections.defaultdict(list)
 for s in runs:
     key = (s["variant"], json.dumps(s["kwargs"], sort_keys=True), s["steps"])
@@ -51,7 +54,7 @@ for key, members in groups.items():
     if key[0].startswith("ds"):
         print("| *bilinear* | — | 1 | " + " | ".join(f"{t[f'bilinear/rmse/{c}']:.4g}" for c in DS) + " | — |")
     elif key[0].startswith("pp"):
-        print("| *raw ensemble (fair CRPS)* | — | 1 | " + " | ".join(f"{t[f'ensemble/crps/{c}']:.4g}" for c in ("2t", "10u", "z500", "t850")) + " | — |")
+        print("| *raw ensemble (fair CRPS)* | — | 1 | " + " | ".join(f"{t[f'ensemble/crps/{c}']:.4g}" for c in PP) + " | — |")
     else:
         p = [t[f"persistence/seeps/tp/{l}"] for l in ("12h", "24h", "36h")]
         c = [t[f"climatology/seeps/tp/{l}"] for l in ("12h", "24h", "36h")]

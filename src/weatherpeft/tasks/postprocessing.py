@@ -15,7 +15,10 @@ is an *input* — the raw ensemble spread, in physical units — and an *output*
 under every method). The mean μ is the prediction of ``v``'s own pretrained head: the
 ensemble mean fills both history steps (a state with no tendency), Aurora predicts the
 state. σ is kept positive by a softplus whose sharpness is the spread's own scale plus a
-floor (:meth:`PostprocessingTask.sigma`).
+floor (:meth:`PostprocessingTask.sigma`). That is ``head_form="state"`` (the default).
+``head_form="residual"`` is the authors' parameterisation: with o_v and o_s the normalised
+outputs of ``v``'s and ``v_spread``'s heads, μ = μ_ens + o_v·σ_ens and σ = exp(o_s)·σ_ens
+(plus the floor), so the heads predict a correction in units of the ensemble's own spread.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ log = logging.getLogger(__name__)
 MEMBER_DIMS = ("number", "member", "realization", "ensemble", "ensemble_member")
 LEAD_DIMS = ("prediction_timedelta", "lead_time", "step", "lead")
 SPREAD_SUFFIX = "_spread"
+#: How the heads become (μ, σ): see the module docstring.
+HEAD_FORMS = ("state", "residual")
 
 
 def spread_name(variable: str, suffix: str = SPREAD_SUFFIX) -> str:
@@ -232,12 +237,16 @@ class PostprocessingDataset(Dataset):
     Input (metadata time = the valid time, init + lead): ``v`` = the ensemble mean and
     ``v_spread`` = the ensemble spread, each repeated over ``history`` steps, shaped
     (1, history, H, W) or (1, history, C, H, W); static fields (H, W). Target: the truth ``v``
-    at the valid time, (1, 1, [C,] H, W). Physical units, latitude decreasing.
+    at the valid time, (1, 1, [C,] H, W). Physical units, latitude decreasing. With a
+    ``truth_offset`` the truth is that much later than the ensemble's valid time, which stays
+    the inputs' metadata time (the target's is the truth's time).
     """
 
     def __init__(self, arrays: _SplitArrays, surf_vars: Sequence[str], atmos_vars: Sequence[str],
-                 levels: tuple, lat: np.ndarray, lon: np.ndarray, history: int, suffix: str):
+                 levels: tuple, lat: np.ndarray, lon: np.ndarray, history: int, suffix: str,
+                 truth_offset: timedelta = timedelta(0)):
         self.arrays = arrays
+        self.truth_offset = truth_offset
         self.surf_vars, self.atmos_vars = tuple(surf_vars), tuple(atmos_vars)
         self.levels = tuple(levels)
         self.history = int(history)
@@ -276,11 +285,12 @@ class PostprocessingDataset(Dataset):
         surf_in, surf_out = group(self.surf_vars)
         atmos_in, atmos_out = group(self.atmos_vars)
         _, valid = self.sample_times(index)
-        metadata = Metadata(lat=self._lat, lon=self._lon, time=(valid,), atmos_levels=self.levels)
+        metadata = Metadata(lat=self._lat, lon=self._lon, time=(valid - self.truth_offset,),
+                            atmos_levels=self.levels)
         return (Batch(surf_vars=surf_in, static_vars=dict(self._static), atmos_vars=atmos_in,
                       metadata=metadata),
                 Batch(surf_vars=surf_out, static_vars=dict(self._static), atmos_vars=atmos_out,
-                      metadata=dataclasses.replace(metadata)))
+                      metadata=dataclasses.replace(metadata, time=(valid,))))
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +331,12 @@ class PostprocessingTask(Task):
             ``"stats"`` (the normalisation scales) or a mapping with a key per channel in the
             statistics' naming ("2t", "z_500").
         names, member_dim, lead_dim: store name mappings and dimension names.
+        head_form: ``"state"`` (μ = ``v``'s head, σ = softplus of the spread head) or
+            ``"residual"`` (the authors': μ = μ_ens + o_v·σ_ens, σ = exp(o_s)·σ_ens, o the
+            heads' normalised outputs); see the module docstring.
+        truth_offset: verify against the truth this much later than the ensemble's valid
+            time (default 0: post-processing proper; > 0: a probabilistic forecast beyond
+            the ensemble's lead, a flow-dependent correction the backbone must supply).
 
     Variables of the built-in ensemble: 2t, 10u, 10v and z, t at 500/850 hPa. The backbone
     sees only these (plus their spreads and the static fields): Aurora embeds and decodes
@@ -344,7 +360,9 @@ class PostprocessingTask(Task):
                  loss_scales: str | Mapping[str, float] = "ensemble_rmse",
                  names: Mapping[str, str] | None = None,
                  member_dim: str | None = None,
-                 lead_dim: str | None = None):
+                 lead_dim: str | None = None,
+                 head_form: str = "state",
+                 truth_offset: timedelta = timedelta(0)):
         from weatherpeft.data.builtin import store_path
 
         if store is None:
@@ -357,6 +375,12 @@ class PostprocessingTask(Task):
             raise ValueError(f"history must be at least 1, got {history}")
         if not sigma_floor > 0:
             raise ValueError(f"sigma_floor must be positive, got {sigma_floor}")
+        if head_form not in HEAD_FORMS:
+            raise ValueError(f"head_form must be one of {list(HEAD_FORMS)}, got {head_form!r}")
+        self.head_form = head_form
+        self.truth_offset = pd.Timedelta(truth_offset).to_pytimedelta()
+        if self.truth_offset < timedelta(0):
+            raise ValueError(f"truth_offset must not be negative, got {self.truth_offset}")
         self.names = dict(names or {})
         self.store, self.truth_store = store, truth_store
         self.history = int(history)
@@ -445,7 +469,7 @@ class PostprocessingTask(Task):
         if start > end:
             raise ValueError(f"period '{split}' starts after it ends: {self.periods[split]}")
         inits = self.forecast.times
-        valid = inits + np.timedelta64(int(pd.Timedelta(self.lead).value), "ns")
+        valid = inits + np.timedelta64(int(pd.Timedelta(self.lead + self.truth_offset).value), "ns")
         inside = (inits >= start) & (valid <= end)
         truth_times = self.truth["time"].values.astype("datetime64[ns]")
         found = np.clip(np.searchsorted(truth_times, valid), 0, len(truth_times) - 1)
@@ -598,7 +622,8 @@ class PostprocessingTask(Task):
             self._datasets = {
                 split: PostprocessingDataset(self._load(split), self._surf.values(),
                                              self._atmos.values(), self.levels, self.forecast.lat,
-                                             self.forecast.lon, self.history, self.suffix)
+                                             self.forecast.lon, self.history, self.suffix,
+                                             self.truth_offset)
                 for split in SPLITS}
         return self._datasets
 
@@ -614,11 +639,16 @@ class PostprocessingTask(Task):
         return sharpness * F.softplus(raw.float() / sharpness) + floor
 
     def gaussian(self, prediction: Batch, variables: Iterable[str] | None = None,
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 inputs: Batch | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{variable: (μ, σ)} of a prediction, each shaped like the prediction of the variable.
 
-        ``variables``: which of the task's variables (default: all of them).
+        ``variables``: which of the task's variables (default: all of them). ``inputs``: the
+        batch the prediction was made from (the ensemble mean and spread); needed by
+        ``head_form="residual"``.
         """
+        if self.head_form == "residual" and inputs is None:
+            raise ValueError("head_form='residual' needs the inputs (ensemble mean and spread) "
+                             "to turn the heads into μ and σ")
         levels = tuple(prediction.metadata.atmos_levels)
         wanted = set(self.forecast_variables if variables is None else variables)
         unknown = wanted - set(self.forecast_variables)
@@ -629,6 +659,7 @@ class PostprocessingTask(Task):
         for group, names in (("surf_vars", self._surf.values()),
                              ("atmos_vars", self._atmos.values())):
             fields = getattr(prediction, group)
+            var_levels = levels if group == "atmos_vars" else ()
             for v in (name for name in names if name in wanted):
                 companion = spread_name(v, self.suffix)
                 for name in (v, companion):
@@ -636,12 +667,57 @@ class PostprocessingTask(Task):
                         raise KeyError(f"prediction has no {group[:-5]} variable '{name}' (the "
                                        f"backbone needs the task head for {companion}; build it "
                                        "with extra_surf_vars/extra_atmos_vars from task.variables)")
-                result[v] = (fields[v].float(), self.sigma(fields[companion], v,
-                                                           levels if group == "atmos_vars" else ()))
+                if self.head_form == "state":
+                    result[v] = (fields[v].float(), self.sigma(fields[companion], v, var_levels))
+                else:
+                    given = getattr(inputs, group)
+                    result[v] = self._residual_gaussian(
+                        fields[v], fields[companion], given[v][:, -1:].to(fields[v].device),
+                        given[companion][:, -1:].to(fields[v].device), v, var_levels)
         return result
 
-    def loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
+    def _residual_gaussian(self, head: torch.Tensor, spread_head: torch.Tensor,
+                           ens_mean: torch.Tensor, ens_spread: torch.Tensor, variable: str,
+                           levels: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' form: μ = μ_ens + o_v·σ_ens, σ = exp(o_s)·σ_ens + floor, with o the
+        heads' normalised outputs (exp capped at e^10 against overflow)."""
+        _, floor, _ = self._constants(variable, levels, head.device)
+        o_v = self._normalised(head, variable, levels)
+        o_s = self._normalised(spread_head, spread_name(variable, self.suffix), levels)
+        ens_spread = ens_spread.float()
+        return (ens_mean.float() + o_v * ens_spread,
+                torch.exp(o_s.clamp(max=10.0)) * ens_spread + floor)
+
+    def _normalised(self, values: torch.Tensor, name: str, levels: tuple) -> torch.Tensor:
+        """``values`` of ``name`` in the statistics' normalised units (per level if any)."""
+        keys = [name] if not levels else [f"{name}_{level_to_str(lv)}" for lv in levels]
+        shape = () if not levels else (len(levels), 1, 1)
+        location, scale = (torch.tensor([table[k] for k in keys], dtype=torch.float32,
+                                        device=values.device).reshape(shape)
+                           for table in (self.stats.locations, self.stats.scales))
+        return (values.float() - location) / scale
+
+    def training_loss(self, model: torch.nn.Module, batch: tuple[Batch, Batch]) -> torch.Tensor:
+        """:meth:`loss` of ``model(inputs)``, the inputs passed on for the residual form."""
+        inputs, target = batch
+        return self.loss(model(inputs), target, inputs)
+
+    def sample_prediction(self, model: torch.nn.Module, split: str,
+                          index: int) -> tuple[Batch, Batch]:
+        """(prediction, truth) for maps; each ``v`` holds μ and each ``v_spread`` holds σ."""
+        inputs, target = self.collated_sample(split, index)
+        prediction = model(inputs.to(_module_device(model)))
+        gaussians = self.gaussian(prediction, inputs=inputs)
+        surf, atmos = dict(prediction.surf_vars), dict(prediction.atmos_vars)
+        for v, (mean, std) in gaussians.items():
+            fields = surf if v in surf else atmos
+            fields[v], fields[spread_name(v, self.suffix)] = mean, std
+        return dataclasses.replace(prediction, surf_vars=surf, atmos_vars=atmos), target
+
+    def loss(self, prediction: Batch, target: Batch, inputs: Batch | None = None) -> torch.Tensor:
         """Gaussian CRPS on normalised fields, latitude-weighted, mean over channels.
+
+        ``inputs``: the batch the prediction was made from (needed by the residual form).
 
         Each channel's μ, σ and truth are divided by its loss scale (``loss_scales``; by
         default the raw ensemble mean's training RMSE) so that every channel counts equally:
@@ -651,7 +727,7 @@ class PostprocessingTask(Task):
         """
         lat = target.metadata.lat
         levels = tuple(target.metadata.atmos_levels)
-        gaussians = self.gaussian(prediction, [*target.surf_vars, *target.atmos_vars])
+        gaussians = self.gaussian(prediction, [*target.surf_vars, *target.atmos_vars], inputs)
         terms = []
         for group in ("surf_vars", "atmos_vars"):
             for v, truth in getattr(target, group).items():
@@ -684,7 +760,8 @@ class PostprocessingTask(Task):
         ensemble mean and its spread (ddof = 1) against that mean. Every metric is
         latitude-weighted over space and averaged over all initialisations the loader yields
         (WeatherBench2: RMSE is the root of the space–time MSE; spread–skill = sqrt(mean σ²)
-        / RMSE). Members are read from the store by valid time − lead. Empty loader: {}.
+        / RMSE). Members are read from the store by valid time − lead − ``truth_offset``.
+        Empty loader: {}.
         """
         was_training = model.training
         model.eval()
@@ -692,8 +769,8 @@ class PostprocessingTask(Task):
         collected: dict[str, list] = {"mean": [], "std": [], "truth": [], "times": []}
         try:
             for inputs, target in loader:
-                prediction = model(inputs.to(device))
-                gaussians = self.gaussian(prediction)
+                inputs = inputs.to(device)
+                gaussians = self.gaussian(model(inputs), inputs=inputs)
                 collected["mean"].append({v: m[:, -1].cpu() for v, (m, _) in gaussians.items()})
                 collected["std"].append({v: s[:, -1].cpu() for v, (_, s) in gaussians.items()})
                 truth = {**target.surf_vars, **target.atmos_vars}
@@ -726,14 +803,16 @@ class PostprocessingTask(Task):
 
     def members(self, valid_times: Sequence) -> dict[str, torch.Tensor]:
         """The raw members of each variable for valid times: (B, M, [C,] H, W) float32."""
-        wanted = (pd.DatetimeIndex(list(valid_times)) - pd.Timedelta(self.lead)).values
+        wanted = (pd.DatetimeIndex(list(valid_times))
+                  - pd.Timedelta(self.lead + self.truth_offset)).values
         wanted = wanted.astype("datetime64[ns]")
         inits = self.forecast.times
         found = np.clip(np.searchsorted(inits, wanted), 0, len(inits) - 1)
         absent = inits[found] != wanted
         if absent.any():
             raise ValueError(f"no forecast initialised at {pd.Timestamp(wanted[absent][0])} "
-                             f"(valid time − {self.lead}) in {self.forecast.source}")
+                             f"(valid time − {self.lead + self.truth_offset}) in "
+                             f"{self.forecast.source}")
         result = {}
         for canonical, aurora_name in {**self._surf, **self._atmos}.items():
             atmos = canonical in self._atmos
