@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AURORA_TINY_GRID", "PatchGrid", "backbone_grid"]
+__all__ = ["AURORA_TINY_GRID", "PatchGrid", "backbone_grid", "check_aurora_variables"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,16 @@ def backbone_grid(path: str | Path) -> PatchGrid | None:
     values = {key: kwargs[key] if key in kwargs else _class_default(preset.model_class, key)
               for key in ("patch_size", "window_size", "encoder_depths")}
     return PatchGrid.from_architecture(values)
+
+
+def check_aurora_variables(surf_vars, atmos_vars, static_vars, where: str) -> None:
+    """Aurora embeds at least one surface, one atmospheric and one static variable (without
+    one it fails deep inside with a bare StopIteration or "stack expects a non-empty
+    TensorList"): a ValueError naming ``where`` and what is missing."""
+    missing = [kind for kind, names in (("surface variable", surf_vars),
+                                        ("atmospheric variable", atmos_vars),
+                                        ("static field", static_vars)) if not tuple(names)]
+    if missing:
+        raise ValueError(f"{where}: an Aurora backbone needs at least one {', one '.join(missing)} "
+                         f"(it has surface {list(surf_vars)}, atmospheric {list(atmos_vars)}, "
+                         f"static {list(static_vars)})")
