@@ -122,9 +122,12 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown benchmark profile '{self.profile}'; known: {sorted(PROFILES)}")
-        unknown = sorted(set(self.tasks) - set(TASK_NAMES))
+        from weatherpeft.tasks import task_names
+
+        unknown = sorted(set(self.tasks) - set(task_names()))  # registered and plugin tasks too
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the benchmark's tasks are {list(TASK_NAMES)}")
+            raise ValueError(f"unknown task(s) {unknown}; the benchmark's tasks are {list(TASK_NAMES)}, "
+                             f"known tasks {task_names()}")
         for budget in self.budgets:
             if not 0 < budget <= 1:
                 raise ValueError(f"a budget is a fraction in (0, 1], got {budget}")
@@ -205,8 +208,9 @@ def plan(config: BenchmarkConfig) -> list[Run]:
 def _run(config: BenchmarkConfig, profile: Profile, task: str, method: str, budget: float | None,
          seed: int, protocol: str, options: dict[str, Any]) -> Run:
     return Run(task=task, method=method, budget=budget, seed=seed,
-               steps=config.steps or profile.steps[task],
-               batch_size=config.batch_size or profile.batch_size[task],
+               # a task outside the profile (registered or a plugin): the downscaling protocol
+               steps=config.steps or profile.steps.get(task, profile.steps["downscaling"]),
+               batch_size=config.batch_size or profile.batch_size.get(task, profile.batch_size["downscaling"]),
                lr=config.lr or profile.lr, new_lr=config.new_lr or profile.new_lr,
                options=options, encoder_decoder=protocol)
 

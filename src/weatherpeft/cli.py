@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from weatherpeft.config import add_dataclass_arguments, build_config
 from weatherpeft.atomic import write_json
@@ -176,6 +176,9 @@ class EvaluateConfig:
     adapter: str = ""
     task: str = ""  # default: the adapter's task
     data: str = ""  # the task's data (default: its built-in store)
+    task_options: str = field(default="", metadata={
+        "json": True, "help": "the task's options as a JSON object (default: the adapter's; "
+                              "`weatherpeft tasks` lists them)"})
     out: str = ""
     map_variable: str = ""
     map_sample: int = 0
@@ -368,6 +371,19 @@ def cmd_adapter_merge(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from weatherpeft.tasks import ENTRY_POINT_GROUP, describe_tasks
+
+    print(f"tasks (finetune/evaluate --task NAME --data PATH --task-options JSON; benchmark --tasks "
+          f"NAME); outside tasks: weatherpeft.tasks.register_task or the entry-point group "
+          f"'{ENTRY_POINT_GROUP}'\n")
+    for row in describe_tasks():
+        print(f"{row['name']:<22} {row['summary']}")
+        for key, (kind, default) in row["options"].items():
+            print(f"{'':<22}   {key}: {kind} (default {json.dumps(default)})")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from weatherpeft.methods.base import describe_methods
 
@@ -396,10 +412,13 @@ def _evaluate_on_task(cfg: EvaluateConfig) -> int:
     from weatherpeft.backbones import backbone_statistics
     from weatherpeft.finetune import build_task, task_backbone
     from weatherpeft.results import results_markdown, write_results
+    from weatherpeft.tasks.grid import backbone_grid
 
     saved = read_adapter_config(cfg.adapter) if cfg.adapter else {}
     task_name = cfg.task or saved.get("task") or "forecasting"
-    task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data)
+    options = cfg.task_options or (saved.get("task_options") if task_name == saved.get("task") else None)
+    task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data, options,
+                      grid=backbone_grid(cfg.checkpoint))
     model = task_backbone(cfg.checkpoint, task)
     if cfg.adapter:
         model = load_adapter(cfg.adapter, model)
@@ -496,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="folder for the merged model")
     merge.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
     merge.set_defaults(func=cmd_adapter_merge)
+
+    tasks = commands.add_parser("tasks", help="list tasks (built-in, registered, plugins) and their options")
+    tasks.set_defaults(func=cmd_tasks)
 
     methods = commands.add_parser("methods", help="list methods, their options and size at a budget")
     methods.add_argument("--backbone", default="models/aurora-tiny")

@@ -105,7 +105,9 @@ def backbone_grid(path: str | Path) -> PatchGrid | None:
     weights); None for another family (Prithvi-WxC checks its own grid) or no config."""
     from weatherpeft.backbones.aurora import AURORA_PRESETS, _class_default
 
-    config_path = Path(path) / "config.json"
+    from weatherpeft.data.paths import resolve_path
+
+    config_path = resolve_path(path, "backbone checkpoint folder") / "config.json"
     if not config_path.is_file():
         return None
     config = json.loads(config_path.read_text())
