@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -114,11 +115,12 @@ def task_entry(name: str) -> TaskEntry:
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
-    """``value`` (as JSON/YAML gives it) as ``annotation`` says; ValueError naming ``where``."""
+    """``value`` (as JSON/YAML gives it) as ``annotation`` says; ValueError naming ``where``
+    (the option, with the index or key inside it)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []
@@ -130,31 +132,31 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         raise ValueError(errors[0])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ValueError(f"task option '{where}': expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ValueError(f"task option '{where}': expected a list of {len(args)} values, got {value!r}")
         return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Mapping) or annotation is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r}")
+            raise ValueError(f"task option '{where}': expected an object, got {value!r}")
         key_type, value_type = args or (str, Any)
         return {_check_value(k, key_type, where): _check_value(v, value_type, f"{where}.{k}")
                 for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
+            raise ValueError(f"task option '{where}': expected true or false, got {value!r}")
         return value
     if annotation in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 (annotation is int and float(value) != int(value)):
-            raise ValueError(f"{where}: expected {'an integer' if annotation is int else 'a number'}, "
+            raise ValueError(f"task option '{where}': expected {'an integer' if annotation is int else 'a number'}, "
                              f"got {value!r}")
         return annotation(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            raise ValueError(f"task option '{where}': expected a string, got {value!r}")
         return value
     return value
 
@@ -175,7 +177,7 @@ def parse_task_options(name: str, options: str | Mapping[str, Any] | None) -> di
     if unknown:
         raise ValueError(f"task '{name}' has no option(s) {unknown}; its options: "
                          f"{sorted(entry.options) or 'none'} (`weatherpeft tasks` lists them)")
-    return {key: _check_value(value, entry.options[key][0], f"task option '{key}'")
+    return {key: _check_value(value, entry.options[key][0], key)
             for key, value in options.items()}
 
 
