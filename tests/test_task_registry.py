@@ -225,3 +225,31 @@ def test_tasks_command_lists_every_task_and_its_options(capsys):
     for name in ("forecasting", "downscaling", "postprocessing", "precipitation"):
         assert f"\n{name} " in out
     assert "truth_member: int | None (default null)" in out and "weatherpeft.tasks" in out
+
+
+def test_a_task_with_only_the_four_abstract_members_loads_its_backbone():
+    """Before: run_finetune read task.stats, which the contract never mentioned (AttributeError)."""
+    from weatherpeft.finetune import task_backbone
+    from weatherpeft.tasks import Task, TaskVariables
+
+    class Minimal(Task):
+        variables = TaskVariables(surf_vars=("2t",), atmos_vars=("z",), static_vars=("lsm",),
+                                  levels=(500,))
+
+        def datasets(self):
+            return {}
+
+        def loss(self, prediction, target):
+            raise NotImplementedError
+
+        def evaluate(self, model, loader):
+            return {}
+
+    backbone = task_backbone(str(PRETRAINED_TINY), Minimal())
+    assert backbone.stats.scales == backbone_statistics(PRETRAINED_TINY).scales
+
+    class NoStatic(Minimal):
+        variables = TaskVariables(surf_vars=("2t",), atmos_vars=("z",), static_vars=(), levels=(500,))
+
+    with pytest.raises(ValueError, match="task 'task': an Aurora backbone needs at least one static field"):
+        task_backbone(str(PRETRAINED_TINY), NoStatic())

@@ -252,7 +252,11 @@ def evaluation_task(cfg: EvaluateConfig, stats):
 
     target = wb2.open_store(cfg.store or builtin.store_path("downstream"))
     start, end = str(target.time.values[0]), str(target.time.values[-1])
-    reference = Path(cfg.reference_store)
+    from weatherpeft.data.paths import CHECKOUT
+
+    reference = Path(cfg.reference_store)  # as every path: the working folder, else the checkout
+    if not reference.exists() and not reference.is_absolute():
+        reference = CHECKOUT / reference if (CHECKOUT / reference).exists() else reference
     if reference.exists():
         past = wb2.open_store(reference)
         past = past.sel(time=past.time < target.time.values[0])  # only the years before the evaluated store
