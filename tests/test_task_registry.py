@@ -253,3 +253,12 @@ def test_a_task_with_only_the_four_abstract_members_loads_its_backbone():
 
     with pytest.raises(ValueError, match="task 'task': an Aurora backbone needs at least one static field"):
         task_backbone(str(PRETRAINED_TINY), NoStatic())
+
+
+def test_the_published_aurora_runs_on_the_quarter_degree_grid():
+    from weatherpeft.tasks.grid import preset_grid
+
+    grid = preset_grid("aurora-0.25-pretrained")  # Aurora's class defaults: window (2, 6, 12), 3 stages
+    assert grid == PatchGrid(patch_size=4, window=(6, 12), stages=3)
+    assert grid.fits(721, 1440) and grid.used_rows(721) == 720
+    assert preset_grid("prithvi-tiny") is None and backbone_grid(CHECKOUT / "models" / "prithvi-tiny") is None

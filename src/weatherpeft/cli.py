@@ -215,8 +215,11 @@ def cmd_pretrain(args) -> int:
     # statistics from the training period; roll-out skill is `weatherpeft evaluate`'s job
     if cfg.loss_scales not in ("tendency", "state"):
         raise ValueError(f"--loss-scales must be 'tendency' or 'state', got {cfg.loss_scales!r}")
+    from weatherpeft.tasks.grid import preset_grid
+
     task = ForecastingTask(cfg.store, periods, lead_steps=(1,),
-                           loss_scales="tendency" if cfg.loss_scales == "tendency" else None)
+                           loss_scales="tendency" if cfg.loss_scales == "tendency" else None,
+                           grid=preset_grid(cfg.preset))
     stats = task.stats
     seed_everything(train_cfg.seed)
     extra = {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AURORA_TINY_GRID", "PatchGrid", "backbone_grid", "check_aurora_variables"]
+__all__ = ["AURORA_TINY_GRID", "PatchGrid", "backbone_grid", "check_aurora_variables", "preset_grid"]
 
 
 @dataclass(frozen=True)
@@ -100,24 +100,30 @@ class PatchGrid:
 AURORA_TINY_GRID = PatchGrid()
 
 
-def backbone_grid(path: str | Path) -> PatchGrid | None:
-    """The grid rule of the Aurora checkpoint folder ``path`` (its config.json, without loading
-    weights); None for another family (Prithvi-WxC checks its own grid) or no config."""
+def preset_grid(preset: str, architecture: Mapping[str, Any] | None = None) -> PatchGrid | None:
+    """The grid rule of an Aurora preset (with a checkpoint's ``architecture`` overrides);
+    None for another family (Prithvi-WxC checks its own grid)."""
     from weatherpeft.backbones.aurora import AURORA_PRESETS, _class_default
 
+    spec = AURORA_PRESETS.get(preset)
+    if spec is None:
+        return None
+    kwargs = spec.build_kwargs(architecture or {})
+    values = {key: kwargs[key] if key in kwargs else _class_default(spec.model_class, key)
+              for key in ("patch_size", "window_size", "encoder_depths")}
+    return PatchGrid.from_architecture(values)
+
+
+def backbone_grid(path: str | Path) -> PatchGrid | None:
+    """The grid rule of the Aurora checkpoint folder ``path`` (its config.json, without loading
+    weights); None for another family or a folder without config.json."""
     from weatherpeft.data.paths import resolve_path
 
     config_path = resolve_path(path, "backbone checkpoint folder") / "config.json"
     if not config_path.is_file():
         return None
     config = json.loads(config_path.read_text())
-    preset = AURORA_PRESETS.get(config.get("preset", ""))
-    if preset is None:
-        return None
-    kwargs = preset.build_kwargs(config.get("architecture") or {})
-    values = {key: kwargs[key] if key in kwargs else _class_default(preset.model_class, key)
-              for key in ("patch_size", "window_size", "encoder_depths")}
-    return PatchGrid.from_architecture(values)
+    return preset_grid(config.get("preset", ""), config.get("architecture"))
 
 
 def check_aurora_variables(surf_vars, atmos_vars, static_vars, where: str) -> None:
