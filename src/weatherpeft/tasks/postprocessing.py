@@ -50,7 +50,7 @@ from weatherpeft.data.wb2 import (
 from weatherpeft.metrics import latitude_weights
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
 from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
-from weatherpeft.tasks.scoring import channel_name, crop_rows
+from weatherpeft.tasks.scoring import channel_name, crop_rows, module_device
 
 __all__ = [
     "ForecastStore",
@@ -318,12 +318,6 @@ class PostprocessingDataset(Dataset):
 # --------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------
-
-
-def _module_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 class PostprocessingTask(Task):
@@ -729,7 +723,7 @@ class PostprocessingTask(Task):
         """
         was_training = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         collected: dict[str, list] = {"mean": [], "std": [], "truth": [], "times": []}
         try:
             for inputs, target in loader:
