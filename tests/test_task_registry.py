@@ -262,3 +262,14 @@ def test_the_published_aurora_runs_on_the_quarter_degree_grid():
     assert grid == PatchGrid(patch_size=4, window=(6, 12), stages=3)
     assert grid.fits(721, 1440) and grid.used_rows(721) == 720
     assert preset_grid("prithvi-tiny") is None and backbone_grid(CHECKOUT / "models" / "prithvi-tiny") is None
+
+
+def test_a_region_crops_every_store_of_a_task(stats):
+    task = build_task("postprocessing", stats, "", {"region": [-45, 45, 0, 175], "surf_vars": ["2t"],
+                                                    "atmos_vars": ["z"], "levels": [500]})
+    inputs, target = task.datasets()["test"][0]
+    assert inputs.spatial_shape == target.spatial_shape == (16, 32)
+    assert float(target.metadata.lat.max()) < 45 and float(target.metadata.lon.max()) < 175
+    with pytest.raises(ValueError, match=r"16 × 33 cells .* 33 longitude cells are not a multiple "
+                                         r"of the patch size 4"):
+        build_task("forecasting", stats, "", {"region": [-45, 45, 0, 180]})
