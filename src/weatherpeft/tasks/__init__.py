@@ -47,11 +47,11 @@ def _given(**options: Any) -> dict[str, Any]:
 
 
 def _store(data: str, default: str, region: Region | None):
-    """The data path (default: the built-in store ``default``), cropped to ``region`` if given."""
+    """The data path (default: the built-in store ``default``), cropped to ``region`` if given.
+    A relative path resolves when the store is opened (:func:`~weatherpeft.data.wb2.open_store`)."""
     from weatherpeft.data.builtin import store_path
-    from weatherpeft.data.paths import resolve_path
 
-    path = resolve_path(data, "data") if data else store_path(default)
+    path = data or store_path(default)
     if region is None:
         return path
     from weatherpeft.data.wb2 import open_store
