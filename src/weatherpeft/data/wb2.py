@@ -172,7 +172,7 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     from weatherpeft.data import readers  # imports this module: resolved at call time
     from weatherpeft.data.paths import resolve_path
 
-    if "://" not in str(path):  # a local path: the working folder, else the checkout
+    if readers.is_url(path) is None:  # a local path: the working folder, else the checkout
         path = resolve_path(path, "store")
     special = readers.open_special(path, names, storage_options=storage_options)
     if special is not None:
