@@ -134,9 +134,9 @@ def test_bad_batches_are_named(builtin_batches):
 
 
 def _rows(batch, rows):
-    from weatherpeft.tasks.forecasting import _crop_rows
+    from weatherpeft.tasks.scoring import crop_rows
 
-    return _crop_rows(batch, rows)
+    return crop_rows(batch, rows)
 
 
 # -- the contract -------------------------------------------------------------------------------

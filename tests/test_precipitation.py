@@ -261,10 +261,12 @@ def test_aurora_tiny_runs_on_the_region_and_frozen_trains_only_the_tp_head(task,
 
 
 def test_default_periods_and_store_are_the_built_in_year():
-    task = PrecipitationTask(region=None, stats=None, in_memory=False)
+    task = PrecipitationTask(region=None, stats=None, in_memory=False, grid=None)
     assert task.periods["test"] == ("2003-12-01T00:00:00", "2003-12-31T18:00:00")
     assert pd.Timestamp(task.periods["train"][1]).month == 9
     assert task.grid[0].shape == (20,)  # the whole store; aurora-tiny needs the default crop
+    with pytest.raises(ValueError, match=r"20 × 20 cells .* Nearest sizes that fit: 16 × 20"):
+        PrecipitationTask(region=None, stats=None, in_memory=False)
 
 
 # -- the direct design (the default) -------------------------------------------------------------

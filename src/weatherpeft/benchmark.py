@@ -234,9 +234,12 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown benchmark profile '{self.profile}'; known: {sorted(PROFILES)}")
-        unknown = sorted(set(self.tasks) - set(TASK_NAMES))
+        from weatherpeft.tasks import task_names
+
+        unknown = sorted(set(self.tasks) - set(task_names()))  # registered and plugin tasks too
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the benchmark's tasks are {list(TASK_NAMES)}")
+            raise ValueError(f"unknown task(s) {unknown}; the benchmark's tasks are {list(TASK_NAMES)}, "
+                             f"known tasks {task_names()}")
         for budget in self.budgets:
             if not 0 < budget <= 1:
                 raise ValueError(f"a budget is a fraction in (0, 1], got {budget}")
@@ -346,15 +349,19 @@ def plan(config: BenchmarkConfig) -> list[Run]:
     seeds = config.seeds or profile.seeds
     runs = []
     for task in config.tasks or profile.tasks:
-        steps = config.steps or _scaled(profile.steps[task], config.step_scale)
-        common = dict(task=task, steps=steps, batch_size=config.batch_size or profile.batch_size[task],
+        # a task outside the profile (registered or a plugin) takes the downscaling protocol
+        steps = config.steps or _scaled(profile.steps.get(task, profile.steps["downscaling"]),
+                                        config.step_scale)
+        batch_size = config.batch_size or profile.batch_size.get(task, profile.batch_size["downscaling"])
+        common = dict(task=task, steps=steps, batch_size=batch_size,
                       lr=config.lr or profile.lr, new_lr=config.new_lr or profile.new_lr,
                       val_every=_val_every(steps, profile.val_points), val_batches=profile.val_batches)
         for protocol in protocols:
             chosen = profile.protocol_methods.get(protocol)
             for accounting in accountings:
                 for method in methods:
-                    if (chosen is not None and method not in chosen) or                             (accounting != accountings[0] and method not in UNION_METHODS):
+                    if (chosen is not None and method not in chosen) or \
+                            (accounting != accountings[0] and method not in UNION_METHODS):
                         continue
                     for budget in (None,) if method in BUDGET_FREE else (config.budgets or profile.budgets):
                         runs += [Run(method=method, budget=budget, seed=seed, encoder_decoder=protocol,

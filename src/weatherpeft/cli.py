@@ -181,6 +181,9 @@ class EvaluateConfig:
                 "parent's for a folder named 'adapter')"})
     task: str = ""  # default: the adapter's task
     data: str = ""  # the task's data (default: its built-in store)
+    task_options: str = field(default="", metadata={
+        "json": True, "help": "the task's options as a JSON object (default: the adapter's; "
+                              "`weatherpeft tasks` lists them)"})
     out: str = ""
     map_variable: str = ""
     map_sample: int = 0
@@ -217,8 +220,11 @@ def cmd_pretrain(args) -> int:
     # statistics from the training period; roll-out skill is `weatherpeft evaluate`'s job
     if cfg.loss_scales not in ("tendency", "state"):
         raise ValueError(f"--loss-scales must be 'tendency' or 'state', got {cfg.loss_scales!r}")
+    from weatherpeft.tasks.grid import preset_grid
+
     task = ForecastingTask(cfg.store, periods, lead_steps=(1,),
-                           loss_scales="tendency" if cfg.loss_scales == "tendency" else None)
+                           loss_scales="tendency" if cfg.loss_scales == "tendency" else None,
+                           grid=preset_grid(cfg.preset))
     stats = task.stats
     seed_everything(train_cfg.seed)
     extra = {}
@@ -254,7 +260,11 @@ def evaluation_task(cfg: EvaluateConfig, stats):
 
     target = wb2.open_store(cfg.store or builtin.store_path("downstream"))
     start, end = str(target.time.values[0]), str(target.time.values[-1])
-    reference = Path(cfg.reference_store)
+    from weatherpeft.data.paths import CHECKOUT
+
+    reference = Path(cfg.reference_store)  # as every path: the working folder, else the checkout
+    if not reference.exists() and not reference.is_absolute():
+        reference = CHECKOUT / reference if (CHECKOUT / reference).exists() else reference
     if reference.exists():
         past = wb2.open_store(reference)
         past = past.sel(time=past.time < target.time.values[0])  # only the years before the evaluated store
@@ -373,6 +383,19 @@ def cmd_adapter_merge(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from weatherpeft.tasks import ENTRY_POINT_GROUP, describe_tasks
+
+    print(f"tasks (finetune/evaluate --task NAME --data PATH --task-options JSON; benchmark --tasks "
+          f"NAME); outside tasks: weatherpeft.tasks.register_task or the entry-point group "
+          f"'{ENTRY_POINT_GROUP}'\n")
+    for row in describe_tasks():
+        print(f"{row['name']:<22} {row['summary']}")
+        for key, (kind, default) in row["options"].items():
+            print(f"{'':<22}   {key}: {kind} (default {json.dumps(default)})")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from weatherpeft.methods.base import describe_methods
 
@@ -401,14 +424,23 @@ def _evaluate_on_task(cfg: EvaluateConfig) -> int:
     from weatherpeft.backbones import backbone_statistics
     from weatherpeft.finetune import build_task, task_backbone
     from weatherpeft.results import results_markdown, write_results
+    from weatherpeft.tasks.grid import backbone_grid
 
     adapters = _named_adapters(cfg.adapter)
-    saved_tasks = {read_adapter_config(path).get("task") for _, path in adapters}
+    saved = [read_adapter_config(path) for _, path in adapters]
+    saved_tasks = {config.get("task") for config in saved}
     if len(saved_tasks) > 1 and not cfg.task:
         raise ValueError(f"the adapters were trained for different tasks "
                          f"{sorted(map(str, saved_tasks))}: score them on one with --task")
     task_name = cfg.task or next(iter(saved_tasks), None) or "forecasting"
-    task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data)
+    saved_options = {json.dumps(config.get("task_options"), sort_keys=True) for config in saved
+                     if config.get("task") == task_name}
+    if len(saved_options) > 1 and not cfg.task_options:
+        raise ValueError("the adapters were trained with different task options: score them on "
+                         "one setting with --task-options")
+    options = cfg.task_options or (json.loads(saved_options.pop()) if saved_options else None)
+    task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data, options,
+                      grid=backbone_grid(cfg.checkpoint))
     model = task_backbone(cfg.checkpoint, task)
     if len(adapters) == 1:
         model = load_adapter(adapters[0][1], model)
@@ -537,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="folder for the merged model")
     merge.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
     merge.set_defaults(func=cmd_adapter_merge)
+
+    tasks = commands.add_parser("tasks", help="list tasks (built-in, registered, plugins) and their options")
+    tasks.set_defaults(func=cmd_tasks)
 
     methods = commands.add_parser("methods", help="list methods, their options and size at a budget")
     methods.add_argument("--backbone", default="models/aurora-tiny")

@@ -5,7 +5,8 @@ given with ``--config`` sets fields first, then flags override it. A YAML file t
 parse, unknown keys and values of the wrong type (a non-integral or non-finite number, a list
 for a scalar, a list of the wrong length) are rejected with ``ValueError`` naming the file
 and the key. A field's ``metadata`` may give its flag a help text (``"help"``) and allowed
-values (``"choices"``).
+values (``"choices"``); ``"json": True`` marks a string field holding a JSON object, which a
+YAML file may also give as a mapping.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import math
 import typing
 from pathlib import Path
@@ -98,9 +100,12 @@ def _coerce(cls, key: str, value, hints: dict):
     annotation = hints[key]
     element, is_sequence = _field_parser(annotation)
     optional = type(None) in typing.get_args(annotation)
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
     try:
         if value is None and optional:
             return None
+        if metadata.get("json") and isinstance(value, dict):  # a YAML mapping for a JSON field
+            return json.dumps(value, default=str)
         if not is_sequence:
             return _scalar(element, value)
         if not isinstance(value, (list, tuple)):

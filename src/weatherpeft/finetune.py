@@ -24,7 +24,8 @@ from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, check_encoder_decoder
 from weatherpeft.methods.base import apply_method, check_budget, get_method
 from weatherpeft.methods.weatherpeft import with_paper_prompt_length
-from weatherpeft.tasks import Task, build_task
+from weatherpeft.tasks import Task, build_task, parse_task_options
+from weatherpeft.tasks.grid import backbone_grid, check_aurora_variables
 from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
 __all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune", "task_backbone"]
@@ -35,7 +36,9 @@ class FinetuneConfig:
 
     ``options``: the method's options as a JSON object (``weatherpeft methods`` lists them).
     ``data``: the task's data (default: its store in the built-in world; post-processing takes
-    ``ENSEMBLE,TRUTH``, the ensemble store and the analysis store that verifies it).
+    ``ENSEMBLE,TRUTH``, the ensemble store and the analysis store that verifies it); a
+    relative path is found from the working folder, else the checkout (as ``backbone``).
+    ``task_options``: the task's options as a JSON object (``weatherpeft tasks`` lists them).
     ``new_lr``: the learning rate of what the method adds and of the task heads (0: the
     Trainer's ``lr``, which entries of pretrained weights always get).
     ``encoder_decoder``: the protocol, "frozen" (default) or "train" (the authors': the
@@ -49,6 +52,12 @@ class FinetuneConfig:
     budget: float = 0.003
     options: str = "{}"
     data: str = ""
+    task_options: str = field(default="{}", metadata={
+        "json": True,
+        "help": "the task's options as a JSON object (a mapping in YAML), e.g. '{\"lead_hours\": "
+                "24, \"static_vars\": [\"lsm\"], \"periods\": {\"train\": [\"2003-01-01\", "
+                "\"2003-06-30\"], \"val\": [...], \"test\": [...]}, \"region\": [south, north, "
+                "west, east]}'; `weatherpeft tasks` lists each task's options"})
     evaluate: bool = True
     threads: int = 1
     new_lr: float = 0.0
@@ -89,8 +98,11 @@ def parse_options(text: str | Mapping[str, Any]) -> dict[str, Any]:
 
 def task_backbone(path: str, task: Task) -> Backbone:
     """The backbone checkpoint at ``path`` with heads for the task's new variables and the task's
-    statistics (which extend the backbone's)."""
+    statistics (which extend the backbone's); an Aurora backbone's needs are checked first."""
     variables = task.variables
+    if backbone_grid(path) is not None:
+        check_aurora_variables(variables.surf_vars, variables.atmos_vars, variables.static_vars,
+                               f"task '{task.name}'")
     return load_backbone(path, extra_surf_vars=variables.new_surf_vars,
                          extra_atmos_vars=variables.new_atmos_vars, stats=task.stats)
 
@@ -102,8 +114,10 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     options = with_paper_prompt_length(config.method, parse_options(config.options), config.task)
     check_budget(config.budget)  # bad requests fail now, not after the data are read
     get_method(config.method).make_options(options)
+    task_options = parse_task_options(config.task, config.task_options)
     seed_everything(train.seed)
-    task = build_task(config.task, backbone_statistics(config.backbone), config.data)
+    task = build_task(config.task, backbone_statistics(config.backbone), config.data, task_options,
+                      grid=backbone_grid(config.backbone))
     backbone = task_backbone(config.backbone, task)
     adaptation = apply_method(config.method, backbone, config.budget, options,
                               encoder_decoder=config.encoder_decoder)
@@ -123,7 +137,8 @@ def run_finetune(config: FinetuneConfig, train: TrainConfig, resume: bool = Fals
     result: dict[str, Any] = {"finetune": asdict(config), "fit": summary, "fit_seconds": seconds}
     if distributed.is_main():
         adapter = save_adapter(saved, out / "adapter",
-                               extra={"task": config.task, "train": train.to_dict()})
+                               extra={"task": config.task, "task_options": task_options,
+                                      "train": train.to_dict()})
         result.update(report=saved.report().as_dict(),
                       adapter_bytes=(adapter / "adapter.safetensors").stat().st_size)
     if config.evaluate:

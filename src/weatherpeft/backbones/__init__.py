@@ -9,6 +9,7 @@ from pathlib import Path
 from weatherpeft.backbones.aurora import AURORA_PRESETS, ERA5_LEVELS, AuroraBackbone, AuroraPreset
 from weatherpeft.backbones.base import Backbone, LoadReport
 from weatherpeft.backbones.prithvi import PRITHVI_PRESETS, PrithviBackbone, PrithviPreset
+from weatherpeft.data.paths import resolve_path
 from weatherpeft.data.stats import NormalisationStats
 
 __all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "PRITHVI_PRESETS", "AuroraBackbone", "AuroraPreset",
@@ -17,7 +18,9 @@ __all__ = ["AURORA_PRESETS", "ERA5_LEVELS", "PRITHVI_PRESETS", "AuroraBackbone",
 
 
 def load_backbone(path: str | os.PathLike, **kwargs) -> Backbone:
-    """Load a backbone checkpoint folder written by weatherpeft, whichever model it holds."""
+    """Load a backbone checkpoint folder written by weatherpeft, whichever model it holds
+    (a relative path: from the working folder, else the checkout; see :mod:`weatherpeft.data.paths`)."""
+    path = resolve_path(path, "backbone checkpoint folder")
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not a backbone checkpoint folder (no config.json)")
@@ -42,7 +45,7 @@ def build_backbone(preset: str, **kwargs) -> Backbone:
 
 def backbone_statistics(path: str | os.PathLike) -> NormalisationStats:
     """The normalisation statistics saved with a backbone checkpoint folder (without loading it)."""
-    stats_path = Path(path) / "normalisation.json"
+    stats_path = resolve_path(path, "backbone checkpoint folder") / "normalisation.json"
     if not stats_path.is_file():
         raise FileNotFoundError(f"{path} is not a backbone checkpoint folder (no normalisation.json)")
     return NormalisationStats.load(stats_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weatherpeft.data.paths import CHECKOUT
+
 #: Committed stores of the built-in world (see the README's data card).
 STORES = {"downstream": "downstream.zarr", "regional": "regional.zarr", "ensemble": "ensemble.zarr"}
 ENV_VAR = "WEATHERPEFT_DATA"
@@ -13,7 +15,7 @@ ENV_VAR = "WEATHERPEFT_DATA"
 def builtin_dir() -> Path:
     """The built-in world's folder: ``$WEATHERPEFT_DATA`` or the checkout's ``data/builtin``."""
     configured = os.environ.get(ENV_VAR)
-    path = Path(configured) if configured else Path(__file__).resolve().parents[3] / "data" / "builtin"
+    path = Path(configured) if configured else CHECKOUT / "data" / "builtin"
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(
             f"built-in world not found at {path} (no manifest.json): run from a weatherpeft checkout, "

@@ -164,12 +164,16 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     """Open a local WB2-layout zarr directory or netCDF file lazily, in canonical form.
 
     ``names`` adds to (and overrides) :data:`STORE_NAMES`. Nothing is read but metadata and
-    coordinates; see :func:`canonicalise` for what is changed. fsspec URLs (with
+    coordinates; see :func:`canonicalise` for what is changed. A relative path is found from
+    the working folder, else the checkout (:func:`~weatherpeft.data.paths.resolve_path`). fsspec URLs (with
     ``storage_options``), WeatherBench (1) directories, ENS-10-style ensemble netCDF and
     GRIB files are opened by :mod:`weatherpeft.data.readers`.
     """
     from weatherpeft.data import readers  # imports this module: resolved at call time
+    from weatherpeft.data.paths import resolve_path
 
+    if readers.is_url(path) is None:  # a local path: the working folder, else the checkout
+        path = resolve_path(path, "store")
     special = readers.open_special(path, names, storage_options=storage_options)
     if special is not None:
         return special

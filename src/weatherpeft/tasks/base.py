@@ -4,7 +4,15 @@ A task turns a data source into ``(input, target)`` pairs of :class:`aurora.Batc
 train and validation splits), states which variables and levels the backbone must take
 and which new ones it must learn to produce (task heads), defines the training loss on a
 prediction and a target, and evaluates a model with the metrics the paper reports for it.
-The :class:`~weatherpeft.train.Trainer` only ever talks to a task through this contract.
+The :class:`~weatherpeft.train.Trainer`, :func:`~weatherpeft.finetune.run_finetune`, the
+``evaluate`` command, the benchmark and the maps only ever talk to a task through this
+contract (:class:`Task` lists every member they use).
+
+Samples are ``aurora.Batch`` pairs in physical units, latitude decreasing (north first),
+(B, T, H, W) surface and (B, T, C, H, W) atmospheric fields, static fields (H, W). The grid
+must suit the backbone (:mod:`weatherpeft.tasks.grid`); an Aurora backbone drops the last
+row of a grid with both poles, so a prediction can have one row fewer than its target:
+compare them with :func:`weatherpeft.tasks.scoring.match_rows`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from aurora import Batch
 from torch.utils.data import DataLoader, Dataset
 
+from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.data.wb2 import collate_batches
 
 __all__ = ["SPLITS", "Task", "TaskVariables"]
@@ -69,15 +78,29 @@ def ignore_stop_signals(worker_id: int) -> None:
 class Task(abc.ABC):
     """A downstream (or pretraining) task; subclasses fill in the four abstract members.
 
-    ``datasets()`` returns the splits :data:`SPLITS`; the train and val splits yield
-    ``(input Batch, target Batch)`` pairs (``loss`` is computed on them), the test split
-    yields whatever ``evaluate`` expects. Datasets are built once and cached by the task.
+    What the package uses, and who:
+
+    * ``variables`` (abstract): which heads and embeddings ``run_finetune`` gives the backbone.
+    * ``datasets()`` (abstract): the splits :data:`SPLITS`; the train and val splits yield
+      ``(input Batch, target Batch)`` pairs (``loss`` is computed on them), the test split
+      yields whatever ``evaluate`` expects. Built once and cached by the task. The Trainer
+      draws training batches from "train" and validates on "val".
+    * ``loss`` (abstract), through ``training_loss``: the Trainer's objective.
+    * ``evaluate`` (abstract): the test scores of ``run_finetune``, ``evaluate`` and the benchmark.
+    * ``stats``: normalisation statistics for every variable the samples carry (the
+      backbone's, extended with what the task measured, e.g. for new variables);
+      ``run_finetune`` loads the backbone with them. ``None`` (the default): the backbone's own.
+    * ``name``, ``collate``, ``dataloader``, ``collated_sample`` and ``sample_prediction``:
+      shared behaviour below (logs and metric files, DataLoader collation, evaluation
+      loaders, maps); override when a task's samples need it.
     """
 
     #: Short name used in logs, metric files and the CLI.
     name: str = "task"
     #: Collates a list of samples into a batch; a DataLoader ``collate_fn``.
     collate: Callable = staticmethod(collate_batches)
+    #: Normalisation statistics the backbone is loaded with (None: the backbone's own).
+    stats: NormalisationStats | None = None
 
     @property
     @abc.abstractmethod

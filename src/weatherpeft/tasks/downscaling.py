@@ -60,7 +60,17 @@ from weatherpeft.data.wb2 import (
 )
 from weatherpeft.metrics import latitude_weights, spatial_bias, spatial_mse
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
-from weatherpeft.tasks.forecasting import _crop_rows, _module_device, channel_name
+from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
+from weatherpeft.tasks.scoring import (
+    accumulate,
+    channel_name,
+    channel_values,
+    crop_rows,
+    first_dynamic,
+    match_rows,
+    module_device,
+    scale_tensors,
+)
 
 __all__ = [
     "PAPER_CHANNELS",
@@ -157,13 +167,20 @@ def complete_stats(stats: NormalisationStats | None, source: str | os.PathLike |
 # --------------------------------------------------------------------------------------
 
 
+def coarsened_rows(height: int, factor: int) -> int:
+    """How many of ``height`` fine rows are coarsened: all, or all but the last when one is
+    over (a grid with both poles, 33 or 721 rows: Aurora drops that row too)."""
+    return height - 1 if height % factor == 1 else height
+
+
 def coarse_coordinates(lat: np.ndarray, lon: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell centres of the grid :func:`coarsen_fields` produces: the mean of each block's
     fine centres (exact for equiangular grids). Order follows the fine grid's."""
     lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    lat = lat[:coarsened_rows(len(lat), factor)]
     if len(lat) % factor or len(lon) % factor:
         raise ValueError(f"a {len(lat)} × {len(lon)} (lat × lon) grid is not divisible by the "
-                         f"coarsening factor {factor}")
+                         f"coarsening factor {factor} (nor one row more, a grid with both poles)")
     return lat.reshape(-1, factor).mean(axis=1), lon.reshape(-1, factor).mean(axis=1)
 
 
@@ -171,9 +188,12 @@ def coarsen_fields(values: torch.Tensor, factor: int, lat: np.ndarray | torch.Te
     """Conservative ``factor`` × ``factor`` block means of fields shaped (..., H=lat, W=lon).
 
     :func:`weatherpeft.data.grids.coarsen` (area-weighted, cos(latitude) weights) applied in
-    Aurora's (lat, lon) layout; ``lat`` are the H fine cell centres in the rows' order.
+    Aurora's (lat, lon) layout; ``lat`` are the H fine cell centres in the rows' order. A
+    grid with one row over a multiple of ``factor`` leaves its last row out (:func:`coarsened_rows`).
     """
     lat = lat.detach().cpu().numpy() if isinstance(lat, torch.Tensor) else np.asarray(lat)
+    rows = coarsened_rows(len(lat), factor)  # the last row of a grid with both poles is left out
+    lat, values = lat[:rows], values[..., :rows, :]
     array = values.detach().cpu().numpy().swapaxes(-1, -2)  # (..., lon, lat): grids' order
     coarse = coarsen(array.astype(np.float64), factor, lat).swapaxes(-1, -2)
     return torch.from_numpy(np.ascontiguousarray(coarse)).to(values.dtype)
@@ -370,6 +390,8 @@ class DownscalingTask(Task):
         history: input times (Aurora's history; 2 for aurora-tiny), all from coarse data.
         surface_weight, atmos_weight: the loss's weights (0.25 and 1, the paper's).
         in_memory: passed to the reader (``None``: load when it fits 2 GiB).
+        grid: the backbone's grid rule (:mod:`weatherpeft.tasks.grid`), checked on the fine
+            grid (None: unchecked).
 
     Loss: with e = (prediction − target) / σ per variable and level (σ: the statistics'
     standard deviation, so fields are compared normalised), each surface variable and
@@ -400,7 +422,8 @@ class DownscalingTask(Task):
                  surface_weight: float = 0.25,
                  atmos_weight: float = 1.0,
                  names: Mapping[str, str] | None = None,
-                 in_memory: bool | None = None):
+                 in_memory: bool | None = None,
+                 grid: PatchGrid | None = AURORA_TINY_GRID):
         if store is None or (isinstance(store, str) and not store):  # "": the default too
             from weatherpeft.data.builtin import store_path
             store = store_path("downstream")
@@ -430,6 +453,8 @@ class DownscalingTask(Task):
         sel = self._selection
         if coarse_store is None:
             coarse_coordinates(sel.lat, sel.lon, self.coarse_factor)  # divisibility, early
+        if grid is not None:  # the backbone runs on the fine grid
+            grid.check(len(sel.lat), len(sel.lon), f"store {self.source}")
         self._variables = TaskVariables(surf_vars=tuple(sel.surf.values()),
                                         atmos_vars=tuple(sel.atmos.values()),
                                         static_vars=tuple(sel.static.values()),
@@ -471,8 +496,8 @@ class DownscalingTask(Task):
 
     def loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
         """0.25·MSE(surface) + MSE(atmosphere), normalised and latitude-weighted (class docstring)."""
-        target = _crop_rows(target, prediction.spatial_shape[0])
-        device = _first_dynamic(prediction).device
+        target = crop_rows(target, prediction.spatial_shape[0])
+        device = first_dynamic(prediction).device
         scales = self._scale_tensors(target.metadata.atmos_levels, device)
         weights = latitude_weights(target.metadata.lat).to(device=device, dtype=torch.float32)[:, None]
         terms: dict[str, list[torch.Tensor]] = {"surf_vars": [], "atmos_vars": []}
@@ -508,7 +533,7 @@ class DownscalingTask(Task):
         """
         was_training = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         sums: dict[tuple[str, str, str], torch.Tensor] = {}
         count = 0
         try:
@@ -517,7 +542,7 @@ class DownscalingTask(Task):
                 forecasts = {"model": model(inputs)}
                 if references:
                     forecasts["bilinear"] = _last_time(inputs)
-                count += _first_dynamic(target).shape[0]
+                count += first_dynamic(target).shape[0]
                 for source, forecast in forecasts.items():
                     self._accumulate(sums, source, forecast, target)
         finally:
@@ -529,24 +554,16 @@ class DownscalingTask(Task):
     # -- helpers ------------------------------------------------------------------------
 
     def _scale_tensors(self, levels: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-        """σ per variable, broadcastable to its field: () surface, (C, 1, 1) atmospheric."""
+        """σ per variable, broadcastable to its field (cached per levels and device)."""
         key = (tuple(levels), str(device))
         if key not in self._scales:
-            scales = {name: torch.tensor(self.stats.scales[name], dtype=torch.float32, device=device)
-                      for name in self._selection.surf.values()}
-            for name in self._selection.atmos.values():
-                try:
-                    values = [self.stats.scales[f"{name}_{level_to_str(level)}"] for level in levels]
-                except KeyError as error:
-                    raise ValueError(f"normalisation statistics lack {error} for levels {levels}") from error
-                scales[name] = torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]
-            self._scales[key] = scales
+            self._scales[key] = scale_tensors(self.stats.scales, self._selection.surf.values(),
+                                              self._selection.atmos.values(), levels, device)
         return self._scales[key]
 
     def _accumulate(self, sums: dict, source: str, forecast: Batch, truth: Batch) -> None:
         """Add Σ over the batch of spatial MSE and spatial bias per channel (float64)."""
-        height = min(forecast.spatial_shape[0], truth.spatial_shape[0])
-        forecast, truth = _crop_rows(forecast, height), _crop_rows(truth, height)
+        forecast, truth = match_rows(forecast, truth)
         lat = truth.metadata.lat
         for group in ("surf_vars", "atmos_vars"):
             predicted = getattr(forecast, group)
@@ -554,33 +571,22 @@ class DownscalingTask(Task):
                 if name not in predicted:
                     raise KeyError(f"the {source} forecast has no variable '{name}'")
                 f, o = predicted[name].float()[:, -1], observed.float()[:, -1]  # (B, [C,] H, W)
-                for metric, values in (("mse", spatial_mse(f, o, lat)), ("bias", spatial_bias(f, o, lat))):
-                    key = (source, metric, name)
-                    total = values.double().sum(dim=0)
-                    sums[key] = sums[key] + total if key in sums else total
+                accumulate(sums, (source, "mse", name), spatial_mse(f, o, lat))
+                accumulate(sums, (source, "bias", name), spatial_bias(f, o, lat))
 
     def _results(self, sums: dict, count: int) -> dict[str, float]:
-        levels = self._selection.levels
         results: dict[str, float] = {}
-        names = list(self._selection.dynamic.values())
         for source in SOURCES:
             for metric in ("rmse", "bias"):
-                for name in names:
+                for name in self._selection.dynamic.values():
                     key = (source, "mse" if metric == "rmse" else "bias", name)
                     if key not in sums:
                         continue
-                    mean = (sums[key] / count).cpu()
+                    mean = sums[key] / count
                     value = torch.sqrt(mean) if metric == "rmse" else mean
-                    if value.ndim == 0:
-                        results[f"{source}/{metric}/{channel_name(name)}"] = float(value)
-                    else:
-                        for level, item in zip(levels, value.tolist()):
-                            results[f"{source}/{metric}/{channel_name(name, level)}"] = float(item)
+                    for channel, item in channel_values(name, value, self._selection.levels):
+                        results[f"{source}/{metric}/{channel}"] = item
         return results
-
-
-def _first_dynamic(batch: Batch) -> torch.Tensor:
-    return next(iter({**batch.surf_vars, **batch.atmos_vars}.values()))
 
 
 def _last_time(batch: Batch) -> Batch:

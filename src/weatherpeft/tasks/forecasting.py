@@ -40,6 +40,18 @@ from weatherpeft.data.wb2 import (
 )
 from weatherpeft.metrics import latitude_weights
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
+from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
+from weatherpeft.tasks.scoring import (
+    accumulate,
+    batch_device,
+    channel_name,
+    channel_values,
+    crop_rows,
+    first_dynamic,
+    match_rows,
+    module_device,
+    scale_tensors,
+)
 
 __all__ = [
     "Climatology",
@@ -65,14 +77,6 @@ SOURCES = ("model", "persistence", "climatology")
 # --------------------------------------------------------------------------------------
 
 
-def channel_name(variable: str, level: int | float | None = None) -> str:
-    """Metric name of a variable at a level: "2t", "z500", "t850" (Aurora names + hPa)."""
-    if level is None:
-        return variable
-    level = float(level)
-    return f"{variable}{int(level) if level.is_integer() else level}"
-
-
 def metric_key(source: str, metric: str, channel: str, lead: timedelta) -> str:
     """``"{source}/{metric}/{channel}/{hours}h"``, e.g. ``"model/rmse/z500/72h"``."""
     hours = lead.total_seconds() / 3600
@@ -84,20 +88,6 @@ def metric_key(source: str, metric: str, channel: str, lead: timedelta) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _crop_rows(batch: Batch, height: int) -> Batch:
-    """Drop trailing latitude rows down to ``height`` (what ``Batch.crop`` does for Aurora)."""
-    current = batch.spatial_shape[0]
-    if current == height:
-        return batch
-    if height > current:
-        raise ValueError(f"cannot crop a batch with {current} latitude rows to {height}")
-    meta = batch.metadata
-    return Batch(surf_vars={k: v[..., :height, :] for k, v in batch.surf_vars.items()},
-                 static_vars={k: v[..., :height, :] for k, v in batch.static_vars.items()},
-                 atmos_vars={k: v[..., :height, :] for k, v in batch.atmos_vars.items()},
-                 metadata=dataclasses.replace(meta, lat=meta.lat[:height]))
-
-
 def advance_history(batch: Batch, prediction: Batch, timestep: timedelta | None = None) -> Batch:
     """The next roll-out input: drop the oldest history step, append the prediction.
 
@@ -107,7 +97,7 @@ def advance_history(batch: Batch, prediction: Batch, timestep: timedelta | None 
     forward correctly), else the prediction's; ``rollout_step`` goes up by one.
     """
     height = prediction.spatial_shape[0]
-    batch = _crop_rows(batch, height)
+    batch = crop_rows(batch, height)
 
     def advance(previous: dict[str, torch.Tensor], new: dict[str, torch.Tensor], kind: str):
         missing = sorted(set(previous) - set(new))
@@ -356,14 +346,6 @@ def tendency_scales(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
 # --------------------------------------------------------------------------------------
 
 
-def _module_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 class ForecastingTask(Task):
     """6-hour-ahead forecasting of every variable from two input times (Aurora pretraining).
 
@@ -372,6 +354,7 @@ class ForecastingTask(Task):
     omitted, computed from the training period). ``lead_steps`` are the roll-out lengths
     evaluated (1, 4, 12 steps = 6, 24, 72 h). ``climatology_path`` caches the climatology
     on disk (recomputed when it does not match the store, period, variables or grid).
+    ``grid``: the backbone's grid rule, checked on the store's grid (None: unchecked).
 
     Loss: with e = (prediction − target) / scale (per variable and per level; the
     location cancels; ``loss_scales`` = the statistics' standard deviations by default, or
@@ -398,7 +381,8 @@ class ForecastingTask(Task):
                  names: Mapping[str, str] | None = None,
                  in_memory: bool | None = None,
                  climatology_path: str | os.PathLike | None = None,
-                 loss_scales: Mapping[str, float] | str | None = None):
+                 loss_scales: Mapping[str, float] | str | None = None,
+                 grid: PatchGrid | None = AURORA_TINY_GRID):
         missing = [split for split in SPLITS if split not in periods]
         if missing:
             raise ValueError(f"periods must give {list(SPLITS)}; missing {missing}")
@@ -420,6 +404,8 @@ class ForecastingTask(Task):
         self.source = str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
         self._selection = select(ds, self.spec("train"))
         sel = self._selection
+        if grid is not None:
+            grid.check(len(sel.lat), len(sel.lon), f"store {self.source}")
         self._variables = TaskVariables(surf_vars=tuple(sel.surf.values()),
                                         atmos_vars=tuple(sel.atmos.values()),
                                         static_vars=tuple(sel.static.values()),
@@ -469,8 +455,8 @@ class ForecastingTask(Task):
 
     def loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
         """Latitude-weighted MSE on normalised fields; see the class docstring for weights."""
-        target = _crop_rows(target, prediction.spatial_shape[0])
-        device = _batch_device(prediction)
+        target = crop_rows(target, prediction.spatial_shape[0])
+        device = batch_device(prediction)
         scales = self._scale_tensors(target.metadata.atmos_levels, device)
         weights = latitude_weights(target.metadata.lat).to(device=device, dtype=torch.float32)
         total, weight_sum = 0.0, 0.0
@@ -503,18 +489,18 @@ class ForecastingTask(Task):
         """
         was_training = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         climatology = self._climatology_on(device) if references else None
         sums: dict[tuple[str, str, int], torch.Tensor] = {}
         counts: dict[int, int] = {}
         try:
             for inputs, truth in loader:
                 inputs, truth = inputs.to(device), truth.to(device)
-                available = _first_dynamic(truth).shape[1]  # truth times after the input
+                available = first_dynamic(truth).shape[1]  # truth times after the input
                 steps = [s for s in self.lead_steps if s <= available]
                 if not steps:
                     continue
-                batch_size = _first_dynamic(inputs).shape[0]
+                batch_size = first_dynamic(inputs).shape[0]
                 predictions = rollout(model, inputs, max(steps), self.timestep)
                 for step, prediction in enumerate(predictions, start=1):
                     if step not in steps:
@@ -536,7 +522,7 @@ class ForecastingTask(Task):
                           index: int) -> tuple[Batch, Batch]:
         """(one-step prediction, truth 6 h later) for sample ``index`` of ``split``."""
         inputs, truth = self.collated_sample(split, index)
-        prediction = model(inputs.to(_module_device(model)))
+        prediction = model(inputs.to(module_device(model)))
         return prediction, _time_slice(truth, 0)
 
     # -- helpers ------------------------------------------------------------------------
@@ -578,29 +564,17 @@ class ForecastingTask(Task):
                 raise ValueError(f"{what} lack {missing} (they have {sorted(scales)[:20]}…)")
 
     def _scale_tensors(self, levels: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-        """Scale per variable, broadcastable to its field: () surface, (C, 1, 1) atmospheric."""
+        """Loss scale per variable, broadcastable to its field (cached per levels and device)."""
         key = (tuple(levels), str(device))
         if key not in self._scales:
-            scales = {}
-            for name in self._selection.surf.values():
-                scales[name] = torch.tensor(self.loss_scales[name], dtype=torch.float32,
-                                            device=device)
-            for name in self._selection.atmos.values():
-                try:
-                    values = [self.loss_scales[f"{name}_{level_to_str(level)}"] for level in levels]
-                except KeyError as error:
-                    raise ValueError(f"normalisation statistics lack {error} for level set "
-                                     f"{levels}") from error
-                scales[name] = torch.tensor(values, dtype=torch.float32,
-                                            device=device)[:, None, None]
-            self._scales[key] = scales
+            self._scales[key] = scale_tensors(self.loss_scales, self._selection.surf.values(),
+                                              self._selection.atmos.values(), levels, device)
         return self._scales[key]
 
     def _accumulate(self, sums: dict, source: str, step: int, forecast: Batch,
                     truth: Batch) -> None:
         """Add Σ over the batch of the spatial MSE per channel into ``sums`` (float64)."""
-        height = min(forecast.spatial_shape[0], truth.spatial_shape[0])
-        forecast, truth = _crop_rows(forecast, height), _crop_rows(truth, height)
+        forecast, truth = match_rows(forecast, truth)
         weights = latitude_weights(truth.metadata.lat)[:, None]
         for group in ("surf_vars", "atmos_vars"):
             predicted = getattr(forecast, group)
@@ -609,35 +583,18 @@ class ForecastingTask(Task):
                     raise KeyError(f"the {source} forecast has no variable '{name}'")
                 # (B, 1, [C,] H, W) → (B, [C]) spatial MSE, summed over the batch.
                 error = predicted[name].float()[:, -1] - observed.float()[:, 0]
-                per_sample = (error.square() * weights.to(error)).mean(dim=(-2, -1))
-                total = per_sample.double().sum(dim=0)
-                key = (source, name, step)
-                sums[key] = sums[key] + total if key in sums else total
+                accumulate(sums, (source, name, step),
+                           (error.square() * weights.to(error)).mean(dim=(-2, -1)))
 
     def _results(self, sums: dict, counts: dict[int, int]) -> dict[str, float]:
-        levels = self._selection.levels
         results: dict[str, float] = {}
         names = list(self._selection.dynamic.values())  # the task's variable order
         order = sorted(sums, key=lambda key: (key[2], SOURCES.index(key[0]), names.index(key[1])))
         for source, name, step in order:
-            total = sums[(source, name, step)]
-            rmse = torch.sqrt(total / counts[step]).cpu()
-            lead = step * self.timestep
-            if rmse.ndim == 0:
-                results[metric_key(source, "rmse", channel_name(name), lead)] = float(rmse)
-            else:
-                for level, value in zip(levels, rmse.tolist()):
-                    results[metric_key(source, "rmse", channel_name(name, level), lead)] = float(value)
+            rmse = torch.sqrt(sums[(source, name, step)] / counts[step])
+            for channel, value in channel_values(name, rmse, self._selection.levels):
+                results[metric_key(source, "rmse", channel, step * self.timestep)] = value
         return results
-
-
-def _first_dynamic(batch: Batch) -> torch.Tensor:
-    return next(iter({**batch.surf_vars, **batch.atmos_vars}.values()))
-
-
-def _batch_device(batch: Batch) -> torch.device:
-    """Device of a batch's first dynamic variable."""
-    return _first_dynamic(batch).device
 
 
 def _time_slice(batch: Batch, index: int) -> Batch:
@@ -655,7 +612,7 @@ def _last_input(inputs: Batch) -> Batch:
 
 def _climatology_batch(climatology: Climatology, valid: Sequence[datetime], like: Batch) -> Batch:
     """The climatological forecast for each valid time, as a Batch shaped like ``like``."""
-    device = _batch_device(like)
+    device = batch_device(like)
     return dataclasses.replace(
         like,
         surf_vars={k: climatology.forecast(k, valid, device)[:, None] for k in like.surf_vars},

@@ -52,7 +52,8 @@ from weatherpeft.data.wb2 import (
 )
 from weatherpeft.metrics import latitude_weights
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
-from weatherpeft.tasks.forecasting import channel_name
+from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
+from weatherpeft.tasks.scoring import channel_name, crop_rows, module_device
 
 __all__ = [
     "ForecastStore",
@@ -205,6 +206,37 @@ class ForecastStore:
         return values
 
 
+def _analysis(truth: xr.Dataset, member: int | None) -> xr.Dataset:
+    """The truth store as an analysis: as it is, or one ``member`` at lead 0 of an ensemble
+    store; an ensemble store without a chosen member is refused."""
+    member_dim = next((d for d in MEMBER_DIMS if d in truth.dims), None)
+    lead_dim = next((d for d in LEAD_DIMS if d in truth.dims), None)
+    source = truth.attrs.get(SOURCE_ATTR, "<in-memory dataset>")
+    if member_dim is None and lead_dim is None:
+        if member is not None:
+            raise ValueError(f"truth_member={member} given, but truth store {source} is an "
+                             "analysis (no member dimension)")
+        return truth
+    if member is None:
+        raise ValueError(f"truth store {source} is an ensemble forecast (dims "
+                         f"{sorted(map(str, truth.dims))}), not an analysis: give the analyses "
+                         "that verify the forecasts, or choose a member explicitly (task option "
+                         "truth_member) to use its lead-0 fields as the truth")
+    if member_dim is not None:
+        members = [int(m) for m in truth[member_dim].values]
+        if member not in members:
+            raise ValueError(f"truth_member {member} not in truth store {source}; its "
+                             f"'{member_dim}' holds {members}")
+        truth = truth.sel({member_dim: member}, drop=True)
+    if lead_dim is not None:
+        leads = pd.to_timedelta(truth[lead_dim].values)
+        if not (leads == pd.Timedelta(0)).any():
+            raise ValueError(f"truth store {source} has no lead 0 along '{lead_dim}' (it holds "
+                             f"{[str(x) for x in leads]}): a member's truth is its lead-0 field")
+        truth = truth.isel({lead_dim: int(np.nonzero(leads == pd.Timedelta(0))[0][0])}, drop=True)
+    return truth
+
+
 def _mean_and_spread(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and unbiased standard deviation (ddof = 1) over axis 1, float32."""
     values = members.astype(np.float64)
@@ -298,12 +330,6 @@ class PostprocessingDataset(Dataset):
 # --------------------------------------------------------------------------------------
 
 
-def _module_device(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 class PostprocessingTask(Task):
     """Ensemble post-processing: ensemble mean and spread in, a Gaussian per variable out.
 
@@ -337,6 +363,9 @@ class PostprocessingTask(Task):
         truth_offset: verify against the truth this much later than the ensemble's valid
             time (default 0: post-processing proper; > 0: a probabilistic forecast beyond
             the ensemble's lead, a flow-dependent correction the backbone must supply).
+        truth_member: which member of an ensemble store given as ``truth_store`` is the truth
+            (at lead 0); without it such a store is refused (the truth must be an analysis).
+        grid: the backbone's grid rule, checked on the forecast grid (None: unchecked).
 
     Variables of the built-in ensemble: 2t, 10u, 10v and z, t at 500/850 hPa. The backbone
     sees only these (plus their spreads and the static fields): Aurora embeds and decodes
@@ -362,7 +391,9 @@ class PostprocessingTask(Task):
                  member_dim: str | None = None,
                  lead_dim: str | None = None,
                  head_form: str = "state",
-                 truth_offset: timedelta = timedelta(0)):
+                 truth_offset: timedelta = timedelta(0),
+                 truth_member: int | None = None,
+                 grid: PatchGrid | None = AURORA_TINY_GRID):
         from weatherpeft.data.builtin import store_path
 
         if store is None:
@@ -389,7 +420,7 @@ class PostprocessingTask(Task):
         self.forecast = ForecastStore(store, lead, names=self.names, member_dim=member_dim,
                                       lead_dim=lead_dim)
         self.lead = self.forecast.lead
-        self.truth = _open(truth_store, self.names)
+        self.truth = _analysis(_open(truth_store, self.names), truth_member)
         self.truth_source = str(self.truth.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
 
         # Variables: canonical store name → Aurora name.
@@ -418,6 +449,9 @@ class PostprocessingTask(Task):
             self._forecast_levels = self._truth_levels = np.zeros(0, dtype=np.int64)
             self.levels = ()
         self._check_grids()
+        if grid is not None:
+            grid.check(len(self.forecast.lat), len(self.forecast.lon),
+                       f"forecast store {self.forecast.source}")
 
         surf, atmos = tuple(self._surf.values()), tuple(self._atmos.values())
         new_surf = tuple(spread_name(v, self.suffix) for v in surf)
@@ -706,7 +740,7 @@ class PostprocessingTask(Task):
                           index: int) -> tuple[Batch, Batch]:
         """(prediction, truth) for maps; each ``v`` holds μ and each ``v_spread`` holds σ."""
         inputs, target = self.collated_sample(split, index)
-        prediction = model(inputs.to(_module_device(model)))
+        prediction = model(inputs.to(module_device(model)))
         gaussians = self.gaussian(prediction, inputs=inputs)
         surf, atmos = dict(prediction.surf_vars), dict(prediction.atmos_vars)
         for v, (mean, std) in gaussians.items():
@@ -725,6 +759,7 @@ class PostprocessingTask(Task):
         climatological scale instead, the winds would dominate: their 48-h error is a larger
         share of their variability (≈ 0.25 of it, against ≈ 0.05 for z500 in the built-in world).
         """
+        target = crop_rows(target, prediction.spatial_shape[0])  # Aurora drops a pole row
         lat = target.metadata.lat
         levels = tuple(target.metadata.atmos_levels)
         gaussians = self.gaussian(prediction, [*target.surf_vars, *target.atmos_vars], inputs)
@@ -765,14 +800,16 @@ class PostprocessingTask(Task):
         """
         was_training = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         collected: dict[str, list] = {"mean": [], "std": [], "truth": [], "times": []}
         try:
             for inputs, target in loader:
                 inputs = inputs.to(device)
-                gaussians = self.gaussian(model(inputs), inputs=inputs)
+                prediction = model(inputs)
+                gaussians = self.gaussian(prediction, inputs=inputs)
                 collected["mean"].append({v: m[:, -1].cpu() for v, (m, _) in gaussians.items()})
                 collected["std"].append({v: s[:, -1].cpu() for v, (_, s) in gaussians.items()})
+                target = crop_rows(target, prediction.spatial_shape[0])  # Aurora drops a pole row
                 truth = {**target.surf_vars, **target.atmos_vars}
                 collected["truth"].append({v: truth[v][:, 0].float().cpu() for v in gaussians})
                 collected["times"].extend(target.metadata.time)
@@ -782,12 +819,13 @@ class PostprocessingTask(Task):
             return {}
         joined = {key: {v: torch.cat([part[v] for part in collected[key]])
                         for v in self.forecast_variables} for key in ("mean", "std", "truth")}
-        lat = torch.from_numpy(self.forecast.lat)
+        rows = joined["truth"][self.forecast_variables[0]].shape[-2]
+        lat = torch.from_numpy(self.forecast.lat[:rows].copy())
         results: dict[str, float] = {}
         self._score("model", joined["mean"], joined["std"], joined["truth"], lat, results,
                     crps=lambda v, c, mean, std, truth: metrics.crps_gaussian(mean, std, truth, lat))
         if references:
-            members = self.members(collected["times"])
+            members = {v: m[..., :rows, :] for v, m in self.members(collected["times"]).items()}
             ens_mean = {v: m.double().mean(dim=1).float() for v, m in members.items()}
             ens_std = {v: m.double().std(dim=1, correction=1).float() for v, m in members.items()}
 

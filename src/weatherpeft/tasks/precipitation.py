@@ -55,13 +55,13 @@ forecasting task's normalised, latitude-weighted MSE, and precipitation weighted
 rolled-out state on track for 24 and 36 h, and setting their weights to 0 gives a
 precipitation-only loss.
 
-Grid. aurora-tiny (patch 4, window (2, 4, 8)) runs on a region whose cell counts are
-multiples of 4 and, at each Swin stage, whose window either covers both horizontal token
-axes or neither (Aurora's shifted-window mask fails otherwise). The full 20 × 20 store gives
-5 × 5 tokens: the window (4, 8) then covers all 5 longitude tokens but not the 5 latitude
-tokens, and Aurora fails. 16 × 20 cells (4 × 5 tokens, then 2 × 3) fit: the default region
-drops the two southernmost and two northernmost rows of the store (7.0–49.2°N,
-70.3–123.8°E). Regions whose sizes are not multiples of ``patch_size`` are refused.
+Grid. The region must fit the backbone's patches and Swin windows (the rule and its check:
+:mod:`weatherpeft.tasks.grid`). The full 20 × 20 store gives 5 × 5 tokens for aurora-tiny:
+its window (4, 8) covers all 5 longitude tokens but not the 5 latitude tokens, and Aurora
+fails. 16 × 20 cells (4 × 5 tokens, then 2 × 3) fit: the default region drops the two
+southernmost and two northernmost rows of the store (7.0–49.2°N, 70.3–123.8°E). A region
+with one latitude row over a multiple of the patch size (a grid with both poles) loses its
+southernmost row, as Aurora would.
 
 Metrics (:meth:`evaluate`), for the model and two references — persistence (the last
 observed 6-h total) and the training-period climatology — at each lead, in mm:
@@ -93,7 +93,6 @@ import pandas as pd
 import torch
 import xarray as xr
 from aurora import Batch
-from aurora.normalisation import level_to_str
 from torch.utils.data import Dataset
 
 from weatherpeft import metrics
@@ -113,13 +112,9 @@ from weatherpeft.data.wb2 import (
 from weatherpeft.metrics import latitude_weights, spatial_mse
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
 from weatherpeft.tasks.downscaling import complete_stats, default_periods
-from weatherpeft.tasks.forecasting import (
-    RolloutWindows,
-    _module_device,
-    _time_slice,
-    advance_history,
-    metric_key,
-)
+from weatherpeft.tasks.forecasting import RolloutWindows, _time_slice, advance_history, metric_key
+from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
+from weatherpeft.tasks.scoring import first_dynamic, module_device, scale_tensors
 
 __all__ = ["DEFAULT_REGION", "DESIGNS", "DirectHeadSamples", "PrecipitationClimatology",
            "PrecipitationTask", "crop_region", "lead_head", "signed_log"]
@@ -281,7 +276,7 @@ class PrecipitationTask(Task):
         history, timestep: input times and their spacing, which is also the leads' unit:
             12 h in the direct design (t − 12 h and t, the authors'), 6 h in the roll-out
             design (the accumulation window, the model's step).
-        patch_size: the region's cell counts must be multiples of it (Aurora's patches).
+        grid: the backbone's grid rule, checked on the region (None: unchecked).
         in_memory: passed to the reader.
     """
 
@@ -305,7 +300,7 @@ class PrecipitationTask(Task):
                  levels: Sequence[float] | None = None,
                  history: int = 2,
                  timestep: timedelta | None = None,
-                 patch_size: int = 4,
+                 grid: PatchGrid | None = AURORA_TINY_GRID,
                  names: Mapping[str, str] | None = None,
                  in_memory: bool | None = None):
         if store is None or (isinstance(store, str) and not store):  # "": the default too
@@ -372,11 +367,12 @@ class PrecipitationTask(Task):
         self.tp_log_scale = float(tp_log_scale_mm) / self.mm_per_unit  # store units
 
         self._ds = crop_region(ds, self.region)
-        height, width = self._ds.sizes["latitude"], self._ds.sizes["longitude"]
-        if height % patch_size or width % patch_size:
-            raise ValueError(f"region {self.region} of {self.source} has {height} × {width} cells "
-                             f"(lat × lon); the backbone's patch size {patch_size} must divide both: "
-                             "narrow or widen the region")
+        if grid is not None:
+            height, width = self._ds.sizes["latitude"], self._ds.sizes["longitude"]
+            grid.check(height, width, f"region {self.region} of {self.source}")
+            # Aurora drops the southernmost row of a grid with one row over (both poles): so do
+            # the samples, climatologies and scores (canonical stores run south to north).
+            self._ds = self._ds.isel(latitude=slice(height - grid.used_rows(height), None))
         if periods is None:
             periods = default_periods(self._ds)
         missing = [split for split in SPLITS if split not in periods]
@@ -470,7 +466,7 @@ class PrecipitationTask(Task):
         inputs, truth = batch
         if self.heads:
             return self.loss(self._head_totals(model(inputs), inputs), truth)
-        steps = _first_dynamic(truth).shape[1]
+        steps = first_dynamic(truth).shape[1]
         total = 0.0
         for step, prediction in enumerate(self.rollout(model, inputs, steps)):
             total = total + self.loss(prediction, _time_slice(truth, step))
@@ -484,7 +480,7 @@ class PrecipitationTask(Task):
         compared under ``tp_loss``."""
         if self.heads:
             return self._direct_loss(prediction, target)
-        device = _first_dynamic(prediction).device
+        device = first_dynamic(prediction).device
         scales = self._scale_tensors(target.metadata.atmos_levels, device)
         weights = latitude_weights(target.metadata.lat).to(device=device, dtype=torch.float32)[:, None]
         total, weight_sum = 0.0, 0.0
@@ -521,7 +517,7 @@ class PrecipitationTask(Task):
         return error.abs() if self.tp_loss == "l1" else error.square()
 
     def _direct_loss(self, prediction: Batch, target: Batch) -> torch.Tensor:
-        device = _first_dynamic(prediction).device
+        device = first_dynamic(prediction).device
         scale = torch.tensor(self.stats.scales[PRECIPITATION], dtype=torch.float32, device=device)
         weights = latitude_weights(target.metadata.lat).to(device=device, dtype=torch.float32)[:, None]
         truth = target.surf_vars[PRECIPITATION].to(device).float()
@@ -557,7 +553,7 @@ class PrecipitationTask(Task):
         normalised output times tp's scale (``residual``: the head predicts the change)."""
         if self.head_form == "absolute":
             return prediction
-        now = self.observed_now(inputs)[:, None].to(_first_dynamic(prediction).device)
+        now = self.observed_now(inputs)[:, None].to(first_dynamic(prediction).device)
         location = self.stats.locations[PRECIPITATION]
         surf = dict(prediction.surf_vars)
         surf.update({head: now + (surf[head] - location) for head in self.heads.values()})
@@ -573,7 +569,7 @@ class PrecipitationTask(Task):
         """(prediction, truth) at the first lead, tp under its own name (for maps)."""
         inputs, truth = self.collated_sample(split, index)
         step = self.lead_steps[0]
-        _, forecast = next(self.forecasts(model, inputs.to(_module_device(model)), [step]))
+        _, forecast = next(self.forecasts(model, inputs.to(module_device(model)), [step]))
         truth = _time_slice(truth, step - 1)
         prediction = dataclasses.replace(truth, surf_vars={PRECIPITATION: forecast[:, None]},
                                          atmos_vars={})
@@ -602,7 +598,7 @@ class PrecipitationTask(Task):
         """
         was_training = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         climatology = self._climatology_on(device)
         lat = torch.from_numpy(self._selection.lat.copy())
         sums: dict[tuple[str, str, int], float] = {}
@@ -610,11 +606,11 @@ class PrecipitationTask(Task):
         try:
             for inputs, truth in loader:
                 inputs, truth = inputs.to(device), truth.to(device)
-                available = _first_dynamic(truth).shape[1]
+                available = first_dynamic(truth).shape[1]
                 steps = [s for s in self.lead_steps if s <= available]
                 if not steps:
                     continue
-                size = _first_dynamic(inputs).shape[0]
+                size = first_dynamic(inputs).shape[0]
                 persistence = _millimetres(self.observed_now(inputs), self.mm_per_unit)
                 for step, predicted in self.forecasts(model, inputs, steps):
                     counts[step] = counts.get(step, 0) + size
@@ -680,20 +676,12 @@ class PrecipitationTask(Task):
         return results
 
     def _scale_tensors(self, levels: tuple, device: torch.device) -> dict[str, torch.Tensor]:
-        """σ per variable, broadcastable to its field: () surface, (C, 1, 1) atmospheric."""
+        """σ per variable, broadcastable to its field (cached per levels and device)."""
         key = (tuple(levels), str(device))
         if key not in self._scales:
-            scales = {name: torch.tensor(self.stats.scales[name], dtype=torch.float32, device=device)
-                      for name in self._selection.surf.values()}
-            for name in self._selection.atmos.values():
-                values = [self.stats.scales[f"{name}_{level_to_str(level)}"] for level in levels]
-                scales[name] = torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]
-            self._scales[key] = scales
+            self._scales[key] = scale_tensors(self.stats.scales, self._selection.surf.values(),
+                                              self._selection.atmos.values(), levels, device)
         return self._scales[key]
-
-
-def _first_dynamic(batch: Batch) -> torch.Tensor:
-    return next(iter({**batch.surf_vars, **batch.atmos_vars}.values()))
 
 
 def _millimetres(totals: torch.Tensor, mm_per_unit: float) -> torch.Tensor:
