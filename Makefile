@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/weatherpeft demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples docs
 	$(BIN)/python -m pytest -q
 
 lock:

@@ -106,7 +106,7 @@ def _sharded_worker(rank: int, port: int, args: argparse.Namespace, out: str) ->
             per_rank = math.ceil(grad.shape[0] / args.world)
             local = slice(min(rank * per_rank, grad.shape[0]), min((rank + 1) * per_rank, grad.shape[0]))
 
-            def shard(full: torch.Tensor) -> DTensor:
+            def shard(full: torch.Tensor, local: slice = local) -> DTensor:
                 return DTensor.from_local(full[local].clone(), mesh, [Shard(0)], shape=full.shape,
                                           stride=full.stride(), run_check=False)
 
@@ -192,9 +192,10 @@ class SyntheticForecasting:
     def training_loss(self, model, batch):
         inputs, target = batch
         prediction = model(inputs)
-        errors = [(prediction.surf_vars[v].float() - target.surf_vars[v].to(prediction.surf_vars[v].device)).square().mean()
+        device = next(iter(prediction.surf_vars.values())).device
+        errors = [(prediction.surf_vars[v].float() - target.surf_vars[v].to(device)).square().mean()
                   for v in self.surf]
-        errors += [(prediction.atmos_vars[v].float() - target.atmos_vars[v].to(prediction.atmos_vars[v].device)).square().mean()
+        errors += [(prediction.atmos_vars[v].float() - target.atmos_vars[v].to(device)).square().mean()
                    for v in self.atmos]
         return torch.stack(errors).mean()
 

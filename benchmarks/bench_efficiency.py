@@ -545,7 +545,7 @@ def main() -> None:
         print(json.dumps(row, default=str))
         return
     cases = _resolve_cases(args.cases)
-    meta = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    meta = {"started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
             "machine": _machine(), "command": _command(), "rounds": args.rounds,
             "steps": args.steps, "warmup": args.warmup, "budget": BUDGET,
             "backbones": args.backbones, "cases": cases}
@@ -578,7 +578,7 @@ def main() -> None:
                 print(f"round {round_index + 1}: {backbone:>5} {case:<20} {summary} "
                       f"[{row['case_wall_s']:.0f} s]", flush=True)
     rows = [_combine(runs) for runs in results.values()]
-    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    meta["finished"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     meta["wall_s"] = time.perf_counter() - began
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run on a GPU machine, or use --dry-run to check the script")
     preset = DRY_PRESET if dry else PRESET
     grids = [(32, 64)] if dry else grids
-    meta = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    meta = {"started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "preset": preset,
             "device": device, "torch": torch.__version__, "platform": platform.platform(),
             "steps": steps, "warmup": warmup, "budget": BUDGET,

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, path in zip(names, paths):
             served.add_adapter(name, path)
         with torch.no_grad():
-            for name in served.each():  # one forward each: prompts cached
+            for _ in served.each():  # one forward each: prompts cached
                 served(batch)
         served_rss = resident() - before
         patches = [p.values for ps in served._patches.values() for p in ps] + \

@@ -8,11 +8,21 @@ import logging
 
 import pytest
 import torch
+from conftest import load_pretrained_tiny
 from safetensors.torch import load_file, save_file
 
-from conftest import load_pretrained_tiny
-from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _record_digest, _sha256,
-                                  adapter_info, load_adapter, load_merged, save_adapter, save_merged)
+from weatherpeft.adapters import (
+    CONFIG_FILE,
+    TENSOR_FILE,
+    AdapterError,
+    _record_digest,
+    _sha256,
+    adapter_info,
+    load_adapter,
+    load_merged,
+    save_adapter,
+    save_merged,
+)
 from weatherpeft.cli import main
 from weatherpeft.methods.base import apply_method
 from weatherpeft.train import TrainConfig, Trainer

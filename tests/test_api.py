@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from aurora import Aurora
+from conftest import PRETRAINED_TINY, load_pretrained_tiny
 from safetensors.torch import load_file
 
 import weatherpeft
-from conftest import PRETRAINED_TINY, load_pretrained_tiny
 from weatherpeft.backbones.aurora import AURORA_TINY
 from weatherpeft.methods.base import apply_method
-from weatherpeft.train import (DivergenceError, TrainConfig, Trainer, epoch_permutation,
-                               seed_everything)
+from weatherpeft.train import DivergenceError, TrainConfig, Trainer, epoch_permutation, seed_everything
 
 STEPS, BATCH, LR, SEED = 3, 2, 1e-3, 0
 

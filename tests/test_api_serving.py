@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft import MultiAdapterModel
 from weatherpeft.adapters import AdapterError, load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.cli import main

@@ -12,9 +12,9 @@ import pytest
 import torch
 from aurora import Aurora, Batch
 from aurora.model.swin3d import WindowAttention
+from conftest import make_world
 from safetensors.torch import load_file, save_file
 
-from conftest import make_world
 from weatherpeft.backbones import AURORA_PRESETS, AuroraBackbone, Backbone
 from weatherpeft.backbones.aurora import AURORA_TINY
 from weatherpeft.data.stats import NormalisationStats, compute_stats
@@ -334,8 +334,8 @@ def test_use_lora_is_off_for_every_preset():
         if name == "aurora-tiny":
             keys = ["2t", "10u", "10v", "msl", "lsm", "z"] + [f"{v}_{level}" for v in "zuvtq"
                                                              for level in LEVELS]
-            stats = NormalisationStats(locations={k: 0.0 for k in keys},
-                                       scales={k: 1.0 for k in keys})
+            stats = NormalisationStats(locations=dict.fromkeys(keys, 0.0),
+                                       scales=dict.fromkeys(keys, 1.0))
         backbone = AuroraBackbone(name, stats=stats, architecture=architecture, random_init=True)
         assert isinstance(backbone.aurora, preset.model_class)
         assert backbone.aurora.use_lora is False

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft.adapters import AdapterError, adapter_info, load_adapter, save_adapter
 from weatherpeft.backbones import load_backbone
-from weatherpeft.backbones.prithvi import (MERRA2_LEVELS, PRITHVI_PRESETS, PrithviBackbone,
-                                           channel_names)
+from weatherpeft.backbones.prithvi import MERRA2_LEVELS, PRITHVI_PRESETS, PrithviBackbone, channel_names
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches

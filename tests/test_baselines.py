@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 from aurora.model.film import AdaptiveLayerNorm
+from conftest import load_pretrained_tiny
 from torch import nn
 
-from conftest import load_pretrained_tiny
 from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.child_tuning import ChildTuningOptions, RandomMask

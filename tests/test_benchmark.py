@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from weatherpeft.benchmark import (RECORD_KEYS, BenchmarkConfig, _with_choices, choose_learning_rates,
-                                   estimate_seconds, estimate_wall, plan, run_benchmark,
-                                   selection_plan)
+from weatherpeft.benchmark import (
+    RECORD_KEYS,
+    BenchmarkConfig,
+    _with_choices,
+    choose_learning_rates,
+    estimate_seconds,
+    estimate_wall,
+    plan,
+    run_benchmark,
+    selection_plan,
+)
 from weatherpeft.benchmark_report import CLAIMS, aggregate, benchmark_markdown, check_claim, claims
 
 PNG = b"\x89PNG\r\n\x1a\n"

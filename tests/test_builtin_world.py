@@ -52,8 +52,8 @@ def test_regional_store_is_a_cropped_2p8125_grid():
     ds = wb2.open_store(builtin.store_path("regional"))
     assert np.allclose(np.diff(ds.latitude.values), 2.8125)
     assert ds.sizes["latitude"] % 4 == 0 and ds.sizes["longitude"] % 4 == 0
-    assert 0 <= ds.latitude.values.min() and ds.latitude.values.max() <= 60
-    assert 70 <= ds.longitude.values.min() and ds.longitude.values.max() <= 130
+    assert ds.latitude.values.min() >= 0 and ds.latitude.values.max() <= 60
+    assert ds.longitude.values.min() >= 70 and ds.longitude.values.max() <= 130
 
 
 def test_ensemble_store_has_the_forecast_layout():

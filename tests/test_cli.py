@@ -113,8 +113,9 @@ def test_finetune_and_evaluate_a_downstream_task_with_maps(tmp_path, capsys):
 def test_methods_lists_the_sizes_that_applying_each_method_gives():
     """``weatherpeft methods`` builds one backbone and sizes every method on copies of it: the
     numbers are those of applying each method to a freshly loaded backbone."""
-    from weatherpeft.backbones import load_backbone
     from conftest import PRETRAINED_TINY
+
+    from weatherpeft.backbones import load_backbone
     from weatherpeft.methods.base import apply_method, describe_methods
 
     rows = describe_methods(str(PRETRAINED_TINY), 0.003)

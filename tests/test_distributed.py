@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft import distributed
 from weatherpeft.adapters import load_adapter
 from weatherpeft.methods import sfas
@@ -120,7 +120,7 @@ def sharded_top_k_results(rank: int) -> list[list[int]]:
         shards = [row_shard(b, rank) for b in blocks]
         offsets = torch.tensor([0] + [b.numel() for b in blocks]).cumsum(0).tolist()
         positions = [offsets[i] + start for i, (_, start) in enumerate(shards)]
-        chosen = distributed.sharded_top_k(lambda i: shards[i][0].clone(),
+        chosen = distributed.sharded_top_k(lambda i, shards=shards: shards[i][0].clone(),
                                            [s.numel() for s, _ in shards], positions, k)
         results.append(sorted(int(p) + i for idx, p in zip(chosen, positions) for i in idx))
     return results
@@ -319,7 +319,7 @@ def test_ddp_trains_bitwise_like_one_process_accumulating_the_ranks_batches(rank
 def test_sharded_top_k_equals_the_unsharded_selection(ranks):
     results, _ = ranks
     for case, (blocks, k) in enumerate(top_k_cases()):
-        chosen = select_top_k(lambda i: blocks[i].reshape(-1).clone(), [b.numel() for b in blocks], k)
+        chosen = select_top_k(lambda i, blocks=blocks: blocks[i].reshape(-1).clone(), [b.numel() for b in blocks], k)
         offsets = torch.tensor([0] + [b.numel() for b in blocks]).cumsum(0).tolist()
         expected = sorted(int(i) + offsets[b] for b, idx in enumerate(chosen) for i in idx)
         merged = sorted(results[0]["top_k"][case] + results[1]["top_k"][case])

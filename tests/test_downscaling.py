@@ -15,8 +15,8 @@ import pytest
 import torch
 import xarray as xr
 from aurora import Batch
-
 from conftest import load_pretrained_tiny, make_world
+
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.grids import coarsen, equiangular_grid
 from weatherpeft.data.wb2 import collate_batches, open_store

@@ -14,12 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_pretrained_tiny
 from safetensors.torch import load_file, save_file
 
-from conftest import load_pretrained_tiny
 from weatherpeft import adapters
-from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _record_digest, _sha256,
-                                  adapter_tensors, load_adapter, save_adapter)
+from weatherpeft.adapters import (
+    CONFIG_FILE,
+    TENSOR_FILE,
+    AdapterError,
+    _record_digest,
+    _sha256,
+    adapter_tensors,
+    load_adapter,
+    save_adapter,
+)
 from weatherpeft.methods.base import apply_method
 
 METHOD, BUDGET = "ssf", 0.001  # the cheapest method to build: 32 scale/shift vectors

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
 from conftest import START, make_world, strip_encoding, write_wb2_zarr
+
 from weatherpeft.cli import main
 from weatherpeft.data.wb2 import DataError, SampleSpec, WB2Dataset, open_store, validate
 from weatherpeft.tasks.forecasting import ForecastingTask

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from aurora import Batch
-
 from test_train import ToyModel, ToyTask, config, records
+
 from weatherpeft import cli, distributed
 from weatherpeft.atomic import atomic_write
 from weatherpeft.train import (

@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 import torch
 from aurora import Aurora, Batch
-
 from conftest import make_world, write_wb2_zarr
+
 from weatherpeft.data.wb2 import collate_batches
 from weatherpeft.metrics import rmse
-from weatherpeft.train import TrainConfig, Trainer
 from weatherpeft.tasks.forecasting import (
     Climatology,
     ForecastingTask,
@@ -23,6 +22,7 @@ from weatherpeft.tasks.forecasting import (
     metric_key,
     rollout,
 )
+from weatherpeft.train import TrainConfig, Trainer
 
 # 8 days, 6-hourly from 2001-03-01: 3 days of training, 1 of validation, 4 of test.
 N_TIMES = 32

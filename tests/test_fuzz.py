@@ -16,13 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_pretrained_tiny
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import load_pretrained_tiny
-from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, AdapterError, _record_digest,
-                                  adapter_tensors, load_adapter, save_adapter)
+from weatherpeft.adapters import (
+    CONFIG_FILE,
+    TENSOR_FILE,
+    AdapterError,
+    _record_digest,
+    adapter_tensors,
+    load_adapter,
+    save_adapter,
+)
 from weatherpeft.config import build_config
 from weatherpeft.finetune import FinetuneConfig, parse_options
 from weatherpeft.methods.base import apply_method, get_method, method_names

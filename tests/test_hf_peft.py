@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_pretrained_tiny
 from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file
 
-from conftest import load_pretrained_tiny
 from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries

@@ -11,8 +11,8 @@ import pytest
 import torch
 import xarray as xr
 from aurora import Batch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft.data.builtin import store_path
 from weatherpeft.metrics import latitude_weights
 from weatherpeft.tasks.postprocessing import PostprocessingTask, default_periods, spread_name

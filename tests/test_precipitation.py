@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 from aurora import Batch
-
 from conftest import load_pretrained_tiny, make_world
+
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.wb2 import collate_batches, open_store
 from weatherpeft.methods.base import apply_method
@@ -88,7 +88,7 @@ class Oracle(torch.nn.Module):
 def test_default_region_is_a_16_by_20_crop_of_the_regional_store(task, region_tp):
     lat, lon = task.grid
     assert (len(lat), len(lon)) == (16, 20)
-    assert np.all(np.diff(lat) < 0) and 5 <= lat.min() and lat.max() <= 50
+    assert np.all(np.diff(lat) < 0) and lat.min() >= 5 and lat.max() <= 50
     np.testing.assert_allclose(lat, region_tp.latitude.values)
     assert lon.min() == pytest.approx(70.3125) and lon.max() == pytest.approx(123.75)
     variables = task.variables
@@ -174,8 +174,8 @@ def test_loss_is_zero_when_perfect_and_weights_precipitation_up(task):
     assert task.loss(off, target).item() == pytest.approx(1 / 14, rel=1e-4)
     # Precipitation alone with the linear loss: one σ off everywhere → exactly 1.
     linear = PrecipitationTask(store_path("regional"), PERIODS, task.stats, tp_loss="mse", design="rollout",
-                               variable_weights={v: 0.0 for v in task.variables.surf_vars[:4]
-                                                 + task.variables.atmos_vars})
+                               variable_weights=dict.fromkeys(
+                                   task.variables.surf_vars[:4] + task.variables.atmos_vars, 0.0))
     wet = dataclasses.replace(target, surf_vars={**target.surf_vars,
                                                  "tp": target.surf_vars["tp"] + task.stats.scales["tp"]})
     assert linear.loss(wet, target).item() == pytest.approx(1.0, rel=1e-4)
@@ -188,7 +188,7 @@ def test_the_log_loss_counts_a_dry_error_more_than_the_same_error_in_heavy_rain(
     def batch(tp):
         return Batch(surf_vars={**surf, "tp": tp}, static_vars={}, atmos_vars={}, metadata=metadata)
     only_tp = PrecipitationTask(store_path("regional"), PERIODS, task.stats, atmos_vars=(), design="rollout",
-                                variable_weights={v: 0.0 for v in ("2t", "10u", "10v", "msl")})
+                                variable_weights=dict.fromkeys(("2t", "10u", "10v", "msl"), 0.0))
     millimetre = 1e-3
     dry_error = only_tp.loss(batch(base + millimetre), batch(base)).item()
     heavy_error = only_tp.loss(batch(base + 21 * millimetre), batch(base + 20 * millimetre)).item()
@@ -281,7 +281,7 @@ class DirectOracle(torch.nn.Module):
         self.totals: dict[datetime, torch.Tensor] = {}
         for index in range(len(windows)):
             inputs, truth = windows[index]
-            for step, head in heads.items():
+            for step in heads:
                 self.totals[inputs.metadata.time[0] + step * timedelta(hours=12)] = \
                     truth.surf_vars["tp"][:, step - 1:step]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from conftest import make_world, write_wb2_zarr
 
 from weatherpeft.backbones.aurora import AuroraBackbone

@@ -8,10 +8,18 @@ import types
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
-from weatherpeft.adapters import (CONFIG_FILE, TENSOR_FILE, _record_digest, adapter_tensors,
-                                  load_adapter, load_merged, save_adapter, save_merged)
+
+from weatherpeft.adapters import (
+    CONFIG_FILE,
+    TENSOR_FILE,
+    _record_digest,
+    adapter_tensors,
+    load_adapter,
+    load_merged,
+    save_adapter,
+    save_merged,
+)
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.finetune import FinetuneConfig
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
@@ -188,10 +196,10 @@ def test_bad_protocols_are_refused_before_anything_runs():
 
 
 def test_prithvi_names_its_embeddings_and_unembedding():
+    from test_backbone_prithvi import STATS
+
     from weatherpeft.backbones import PrithviBackbone
     from weatherpeft.data.stats import NormalisationStats
-
-    from test_backbone_prithvi import STATS
 
     backbone = PrithviBackbone("prithvi-tiny", stats=NormalisationStats.load(STATS))
     names = coder_names(backbone)
@@ -237,8 +245,8 @@ def test_paper_sizing_keeps_the_whole_budget_for_sfas_and_adds_tadp_on_top():
 
 
 def test_interpolated_width_maps_have_no_parameters_and_fit_every_site():
-    from weatherpeft.methods.tadp import TADP, TADPConfig, tadp_parameter_count
     from weatherpeft.methods.prompts import site_width
+    from weatherpeft.methods.tadp import TADP, TADPConfig, tadp_parameter_count
 
     backbone = load_pretrained_tiny()
     variables = backbone.embedding_variables

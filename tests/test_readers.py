@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-
 from conftest import write_wb2_zarr
+
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.readers import GRAVITY, detect_layout, is_url
 from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, open_store

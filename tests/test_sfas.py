@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
+from weatherpeft.methods import sfas
 from weatherpeft.methods.base import apply_method, budget_entries
 from weatherpeft.methods.masked_update import MaskedUpdate
-from weatherpeft.methods import sfas
 from weatherpeft.methods.sfas import FisherSelection, SFASConfig, block_noise, noise_at
 from weatherpeft.train import TrainConfig, Trainer
 

@@ -125,7 +125,7 @@ def test_downstream_store_gives_batches(generated):
     assert report.gaps == () and report.step == timedelta(hours=6)
     # Plausible physical units (K, Pa, m² s⁻², kg kg⁻¹, m of water per 6 h).
     t2m = inputs.surf_vars["2t"]
-    assert 180 < float(t2m.min()) and float(t2m.max()) < 330
+    assert float(t2m.min()) > 180 and float(t2m.max()) < 330
     msl = inputs.surf_vars["msl"]
     assert 90000 < float(msl.mean()) < 110000
     z500 = inputs.atmos_vars["z"][0, 0, list(cfg.levels).index(500)]

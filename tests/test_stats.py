@@ -8,8 +8,8 @@ import aurora.normalisation as aurora_normalisation
 import numpy as np
 import pytest
 import torch
-
 from conftest import LEVELS
+
 from weatherpeft.data.stats import NormalisationStats, compute_stats
 from weatherpeft.data.wb2 import SampleSpec
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.methods.prompts import PromptInjector
 from weatherpeft.methods.tadp import (

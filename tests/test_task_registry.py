@@ -6,13 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import PRETRAINED_TINY
 
 from weatherpeft.backbones import backbone_statistics
 from weatherpeft.data.paths import CHECKOUT, resolve_path
 from weatherpeft.tasks import TASKS, build_task, parse_task_options, register_task, registry, task_names
 from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid, backbone_grid
-
-from conftest import PRETRAINED_TINY
 
 
 class Opened(Exception):

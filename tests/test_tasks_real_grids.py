@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from conftest import PRETRAINED_TINY, load_pretrained_tiny
 
 from weatherpeft.backbones import backbone_statistics
 from weatherpeft.tasks import build_task
 from weatherpeft.tasks.grid import backbone_grid
-
-from conftest import PRETRAINED_TINY, load_pretrained_tiny
 
 LEVELS = (500, 850)
 TIMES = pd.date_range("2003-01-01", periods=36, freq="6h")  # 9 days
@@ -56,7 +55,8 @@ def analysis(lat: np.ndarray, lon: np.ndarray, times=TIMES, seed: int = 0) -> xr
         "v_component_of_wind": (atmos, 5 * rng.standard_normal(shape_atmos)),
         "specific_humidity": (atmos, 1e-3 * (level / 1000) ** 3 * np.abs(rng.standard_normal(shape_atmos))),
         "land_sea_mask": (("latitude", "longitude"), (rng.random((len(lat), len(lon))) > 0.7) * 1.0),
-        "geopotential_at_surface": (("latitude", "longitude"), 2000 * np.abs(rng.standard_normal((len(lat), len(lon))))),
+        "geopotential_at_surface": (("latitude", "longitude"),
+                                    2000 * np.abs(rng.standard_normal((len(lat), len(lon))))),
     }
     ds = xr.Dataset({k: (dims, v.astype(np.float32)) for k, (dims, v) in fields.items()},
                     coords={"time": times, "level": np.asarray(LEVELS), "latitude": lat, "longitude": lon})

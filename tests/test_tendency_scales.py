@@ -29,7 +29,7 @@ def test_tendency_scale_is_the_rms_one_step_change(trending_store):
 
 
 def test_forecasting_loss_uses_tendency_scales(trending_store):
-    periods = {split: ("2001-03-01", "2001-03-03T18:00") for split in ("train", "val", "test")}
+    periods = dict.fromkeys(("train", "val", "test"), ("2001-03-01", "2001-03-03T18:00"))
     task = ForecastingTask(trending_store, periods, loss_scales="tendency", lead_steps=(1,))
     inputs, target = task.datasets()["train"][0]
     wrong = target.surf_vars["2t"] + 0.5  # one tendency scale of error in 2t only

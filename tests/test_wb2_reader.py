@@ -9,8 +9,8 @@ import pytest
 import torch
 import xarray as xr
 from aurora import Batch
-
 from conftest import LEVELS, N_TIMES, START, make_world, write_wb2_zarr
+
 from weatherpeft.data.wb2 import (
     SampleSpec,
     WB2Dataset,

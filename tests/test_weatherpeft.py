@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import load_pretrained_tiny
+
 from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.tadp import TADP
 from weatherpeft.train import TrainConfig, Trainer
@@ -61,7 +61,7 @@ def test_training_moves_prompts_and_selected_entries_only(march_task, tmp_path):
                   for n, p in backbone.pretrained_parameters().items())
     report = adaptation.report()
     tadp_count = adaptation.resolved["tadp_parameters"]
-    assert 0 < changed
+    assert changed > 0
     assert report.stored == tadp_count + changed
     assert report.trainable == budget_entries(backbone, 0.04)
     moved = [n for n, p in adaptation.parts.named_parameters() if not torch.equal(p, tadp_before[n])]

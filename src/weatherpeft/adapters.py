@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from aurora import Batch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from aurora import Batch
 
 from weatherpeft.atomic import atomic_directory
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, Backbone
@@ -256,7 +255,7 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """A summary of an adapter folder for people: method, budget, report, sizes, backbone."""
     path = Path(path)
     config = read_adapter_config(path)
-    roles = {role: 0 for role in _ROLES}
+    roles = dict.fromkeys(_ROLES, 0)
     for key, spec in config["tensors"].items():
         role = key.split(".", 1)[0]
         if not key.endswith(".indices"):

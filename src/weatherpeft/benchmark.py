@@ -138,9 +138,9 @@ PROFILES = {
     # steps, a 2-point learning curve; no selection stage (the profile's pair). Too short to rank
     # methods: it checks that everything runs and renders.
     "quick": Profile(tasks=TASK_NAMES, methods=("full", "frozen", "lora", "weatherpeft"),
-                     budgets=(0.003,), steps={task: 20 for task in TASK_NAMES},
-                     batch_size={task: 2 for task in TASK_NAMES}, encoder_decoder=("train",),
-                     accountings=("trainable", "stored"), select_steps={task: 10 for task in TASK_NAMES},
+                     budgets=(0.003,), steps=dict.fromkeys(TASK_NAMES, 20),
+                     batch_size=dict.fromkeys(TASK_NAMES, 2), encoder_decoder=("train",),
+                     accountings=("trainable", "stored"), select_steps=dict.fromkeys(TASK_NAMES, 10),
                      val_points=2, val_batches=2, select_val_batches=4),
     # ≤ 60 min on 2 cores (~52 min quiet by the cost model): the paper's protocol only, the
     # headline methods (full, encoder/decoder only, LoRA, TADP-only, SFAS-only, WeatherPEFT:
@@ -154,7 +154,7 @@ PROFILES = {
     # ~500, 0.275, to 0.244 at 2,000).
     "standard": Profile(tasks=TASK_NAMES, methods=HEADLINE_METHODS, budgets=PAPER_BUDGETS,
                         steps={"downscaling": 150, "postprocessing": 60, "precipitation": 300},
-                        batch_size={task: 2 for task in TASK_NAMES}, encoder_decoder=("train",),
+                        batch_size=dict.fromkeys(TASK_NAMES, 2), encoder_decoder=("train",),
                         accountings=("trainable", "stored"), lr_grid=LR_GRID,
                         select_steps={"downscaling": 40, "postprocessing": 20, "precipitation": 80},
                         val_points=5, val_batches=4, select_val_batches=16),
@@ -169,7 +169,7 @@ PROFILES = {
     # separate methods), precipitation 600 (past the flattening at ~500).
     "paper": Profile(tasks=TASK_NAMES, methods=PAPER_METHODS, budgets=PAPER_BUDGETS,
                      steps={"downscaling": 400, "postprocessing": 120, "precipitation": 600},
-                     batch_size={task: 2 for task in TASK_NAMES}, seeds=(0, 1),
+                     batch_size=dict.fromkeys(TASK_NAMES, 2), seeds=(0, 1),
                      encoder_decoder=("train", "frozen"),
                      protocol_methods={"frozen": ("full", "frozen", "lora", "weatherpeft")},
                      accountings=("trainable", "stored"), lr_grid=LR_GRID,

@@ -9,13 +9,12 @@ import logging
 import pickle
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
-from dataclasses import asdict, dataclass, field, fields, replace
-
-from weatherpeft.config import add_dataclass_arguments, build_config
 from weatherpeft.atomic import write_json
+from weatherpeft.config import add_dataclass_arguments, build_config
 
 log = logging.getLogger("weatherpeft")
 
@@ -109,7 +108,8 @@ def describe_store(path: Path) -> str:
     if "level" in ds.dims:
         lines.append(f"  level (hPa): {[int(v) for v in ds.level.values]}")
     lat, lon = ds.latitude.values, ds.longitude.values
-    lines.append(f"  grid: {len(lon)}×{len(lat)} lon×lat, lat {lat[0]:.4g}…{lat[-1]:.4g}, lon {lon[0]:.4g}…{lon[-1]:.4g}")
+    lines.append(f"  grid: {len(lon)}×{len(lat)} lon×lat, lat {lat[0]:.4g}…{lat[-1]:.4g}, "
+                 f"lon {lon[0]:.4g}…{lon[-1]:.4g}")
     for dim in ("prediction_timedelta", "number"):
         if dim in ds.dims:
             lines.append(f"  {dim}: {ds.sizes[dim]}")
@@ -208,7 +208,7 @@ def _set_threads(threads: int) -> None:
 def cmd_pretrain(args) -> int:
     from weatherpeft.backbones import PRITHVI_PRESETS, build_backbone
     from weatherpeft.tasks.forecasting import ForecastingTask
-    from weatherpeft.train import Trainer, TrainConfig, seed_everything
+    from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
     pretrain_keys = tuple(f.name for f in fields(PretrainConfig))
     train_keys = tuple(f.name for f in fields(TrainConfig))
@@ -282,14 +282,16 @@ def _card_facts(backbone, about: dict) -> dict:
     facts = {"parameters": f"{sum(p.numel() for p in backbone.parameters()):,}"}
     run, fit = about.get("pretraining"), about.get("fit")
     if run and fit:
-        facts["pretraining data"] = f"{run['store']} {run['train_start']} … {run['train_end']} (validation {run['val_start']} … {run['val_end']})"
+        facts["pretraining data"] = (f"{run['store']} {run['train_start']} … {run['train_end']} "
+                                     f"(validation {run['val_start']} … {run['val_end']})")
         facts["optimisation"] = (f"{int(fit['step'])} AdamW steps × batch {run['batch_size']}, lr {run['lr']} "
                                  f"(warm-up {run['warmup_steps']}, cosine to ×{run['min_lr_ratio']}), "
                                  f"weight decay {run['weight_decay']}, clip {run['grad_clip']}")
         if "wall_seconds_this_invocation" in fit:
             facts["wall time"] = (f"{fit['wall_seconds_this_invocation'] / 60:.1f} min on {run['threads']} CPU "
                                   "thread(s)" + (" (last invocation of a resumed run)" if fit.get("resumed") else ""))
-        facts["final training loss / validation loss"] = f"{fit.get('loss', float('nan')):.4f} / {fit.get('val_loss', float('nan')):.4f}"
+        facts["final training loss / validation loss"] = \
+            f"{fit.get('loss', float('nan')):.4f} / {fit.get('val_loss', float('nan')):.4f}"
     return facts
 
 

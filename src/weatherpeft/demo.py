@@ -7,8 +7,8 @@ prints their test-month RMSE beside bilinear interpolation and the frozen backbo
 what each stores. By default both store at most the budget (WeatherPEFT's SFAS capped,
 ``budget_mode="strict"``): an equal-size comparison. ``--no-strict`` runs the paper's
 per-step accounting, where WeatherPEFT stores the union of what it moved, and the demo says
-that the comparison is then not at equal stored size. It writes both adapters and a map (prediction, truth, error) and says
-what to run next.
+that the comparison is then not at equal stored size. It writes both adapters and a map
+(prediction, truth, error) and says what to run next.
 """
 
 from __future__ import annotations

@@ -35,9 +35,8 @@ paper's code) and converted to metres once, as WB2 does (``dry_threshold_mm / 10
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -27,8 +27,13 @@ from pathlib import Path
 import torch
 from aurora import Batch
 
-from weatherpeft.adapters import (AdapterError, check_adapter_fits, load_adapter,
-                                  read_adapter_config, read_adapter_tensors)
+from weatherpeft.adapters import (
+    AdapterError,
+    check_adapter_fits,
+    load_adapter,
+    read_adapter_config,
+    read_adapter_tensors,
+)
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.methods.base import Adaptation, ParameterReport
 

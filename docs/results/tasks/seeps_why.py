@@ -1,8 +1,10 @@
 import torch
+
 torch.set_num_threads(1)
+from weatherpeft import metrics
 from weatherpeft.backbones import backbone_statistics
 from weatherpeft.tasks.precipitation import PrecipitationTask, _millimetres
-from weatherpeft import metrics
+
 t = PrecipitationTask(None, None, backbone_statistics("models/aurora-tiny"))
 ds = t.datasets()["test"]
 inputs, truth = t.collate([ds[i] for i in range(len(ds))])

@@ -1,6 +1,9 @@
 """Markdown tables per task from runs/*/summary.json (or $RUNS/*/summary.json): headline mean ± std over seeds."""
-import json, glob, os, statistics, collections
-
+import collections
+import glob
+import json
+import os
+import statistics
 
 runs = []
 for f in sorted(glob.glob(os.path.join(os.environ.get("RUNS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")), "*/summary.json"))):

@@ -23,7 +23,7 @@ import re
 import types
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -482,7 +482,7 @@ class AuroraBackbone(Backbone):
             aurora_normalisation.scales[key] = scale
         naive = all(t.tzinfo is None for t in batch.metadata.time)
         if naive:
-            batch = _with_times(batch, tuple(t.replace(tzinfo=timezone.utc)
+            batch = _with_times(batch, tuple(t.replace(tzinfo=UTC)
                                              for t in batch.metadata.time))
         prediction = self._aurora(batch)
         if naive:

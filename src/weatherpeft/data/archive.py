@@ -37,7 +37,8 @@ _COORD_ATTRS = {
 }
 _INT16_STEPS = 65534  # -32767 … 32767; -32768 is the fill value
 #: Quantisation step of each packed variable: well below any error the tasks measure
-#: (e.g. 0.1 K, an RMS error of 0.03 K, against 6-hour persistence errors of ~0.5 K), coarse enough to fit the size budget.
+#: (e.g. 0.1 K, an RMS error of 0.03 K, against 6-hour persistence errors of ~0.5 K), coarse
+#: enough to fit the size budget.
 PACKING_PRECISION = {
     "2m_temperature": 0.1, "temperature": 0.1,
     "10m_u_component_of_wind": 0.1, "10m_v_component_of_wind": 0.1,

@@ -99,8 +99,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weatherpeft.data.wb2 import (_ANY_VALUE, SOURCE_ATTR, STORE_NAMES, DataError, _is_zarr_dir,
-                                  _looks_like_netcdf, _rename_table, canonicalise)
+from weatherpeft.data.wb2 import (
+    _ANY_VALUE,
+    SOURCE_ATTR,
+    STORE_NAMES,
+    DataError,
+    _is_zarr_dir,
+    _looks_like_netcdf,
+    _rename_table,
+    canonicalise,
+)
 
 __all__ = [
     "ENSEMBLE_DIMS",

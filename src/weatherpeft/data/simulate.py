@@ -37,9 +37,9 @@ import xarray as xr
 
 from weatherpeft.atomic import write_json
 from weatherpeft.data import archive, manifest, realism
+from weatherpeft.data.grids import Grid, conservative_regridder, crop_indices, equiangular_grid, gaussian_grid
 from weatherpeft.data.stats import compute_stats
 from weatherpeft.data.wb2 import SampleSpec
-from weatherpeft.data.grids import Grid, conservative_regridder, crop_indices, equiangular_grid, gaussian_grid
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ SURFACE_VARIABLES = (
     "mean_sea_level_pressure",
     "total_precipitation_6hr",
 )
-ATMOSPHERIC_VARIABLES = ("geopotential", "temperature", "u_component_of_wind", "v_component_of_wind", "specific_humidity")
+ATMOSPHERIC_VARIABLES = ("geopotential", "temperature", "u_component_of_wind", "v_component_of_wind",
+                         "specific_humidity")
 STATIC_VARIABLES = ("land_sea_mask", "geopotential_at_surface")
 _STATE_FIELDS = {
     "geopotential": "geopotential",
@@ -267,7 +268,7 @@ def _run_truth(cfg: SimulationConfig, on_downstream_state) -> dict:
     statics_native = {"land_sea_mask": truth.land_fraction, "geopotential_at_surface": truth.surface_geopotential}
     statics = {k: to_global(v) for k, v in statics_native.items()}
     regional_statics = {k: to_regional(v) for k, v in statics_native.items()}
-    attrs = {"source": "weatherpeft built-in world: jcm SPEEDY physics, T%dL%d" % (cfg.truncation, cfg.layers)}
+    attrs = {"source": f"weatherpeft built-in world: jcm SPEEDY physics, T{cfg.truncation}L{cfg.layers}"}
 
     timings = {}
     start = time.perf_counter()
@@ -343,7 +344,8 @@ class _Ensemble:
         hours = (when - cfg.downstream_start()).total_seconds() / 3600
         # the last downstream (truth) time is 18 UTC of the last day: every forecast must verify
         last_truth = cfg.downstream_start() + dt.timedelta(days=cfg.downstream_days, hours=-6)
-        if hours % cfg.ensemble_init_every_hours or when + dt.timedelta(hours=max(cfg.ensemble_leads_hours)) > last_truth:
+        last_lead = dt.timedelta(hours=max(cfg.ensemble_leads_hours))
+        if hours % cfg.ensemble_init_every_hours or when + last_lead > last_truth:
             return
         if self._truth_to_ensemble is None:
             self._truth_to_ensemble = conservative_regridder(truth_grid, self.model.grid)
@@ -425,8 +427,9 @@ class _Ensemble:
         for name in cfg.ensemble_atmospheric:
             arr = np.stack(members[name]).transpose(0, 2, 1, 3, 4, 5)
             data[name] = (("time", "prediction_timedelta", "number", "level", "longitude", "latitude"), arr)
-        attrs = {"source": "weatherpeft built-in world: %d-member T%dL%d ensemble from perturbed T%d truth states"
-                 % (cfg.ensemble_members, cfg.ensemble_truncation, cfg.layers, cfg.truncation)}
+        attrs = {"source": f"weatherpeft built-in world: {cfg.ensemble_members}-member "
+                           f"T{cfg.ensemble_truncation}L{cfg.layers} ensemble from perturbed "
+                           f"T{cfg.truncation} truth states"}
         return archive.annotate(xr.Dataset(data, coords=coords, attrs=attrs))
 
 

@@ -31,7 +31,6 @@ import pandas as pd
 import xarray as xr
 
 from weatherpeft.atomic import write_json
-from weatherpeft.metrics import latitude_weights
 from weatherpeft.data.wb2 import (
     SampleSpec,
     StoreSelection,
@@ -41,6 +40,7 @@ from weatherpeft.data.wb2 import (
     read_static,
     time_blocks,
 )
+from weatherpeft.metrics import latitude_weights
 
 __all__ = ["NormalisationStats", "compute_stats", "merge_statistics", "model_statistics"]
 

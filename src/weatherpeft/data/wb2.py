@@ -263,10 +263,10 @@ def _rename_table(ds: xr.Dataset, names: Mapping[str, str] | None) -> dict[str, 
     for source, target in table.items():
         if source not in present or source == target:
             continue
-        if target == "geopotential" and source in ds.data_vars:
-            # ERA5 single-level files call the orography "z" too: no level dim → static.
-            if not any(table.get(dim, dim) == "level" for dim in ds[source].dims):
-                target = "geopotential_at_surface"
+        # ERA5 single-level files call the orography "z" too: no level dim → static.
+        if target == "geopotential" and source in ds.data_vars and \
+                not any(table.get(dim, dim) == "level" for dim in ds[source].dims):
+            target = "geopotential_at_surface"
         if target in present or target in renames.values():
             continue
         renames[source] = target

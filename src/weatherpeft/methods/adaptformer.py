@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
-                                      register_method)
+from weatherpeft.methods.base import BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries, register_method
 from weatherpeft.methods.output_hooks import OutputHooks, module_key
 from weatherpeft.methods.ssf import transformer_blocks
 

@@ -50,8 +50,7 @@ import torch
 from weatherpeft.backbones.aurora import SWIN_FEEDFORWARD
 from weatherpeft.backbones.aurora import SWIN_LINEARS as AURORA_SWIN_LINEARS
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
-                                      register_method)
+from weatherpeft.methods.base import BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries, register_method
 
 __all__ = ["LoRAOptions", "PeftOptions", "SWIN_LINEARS", "apply_dora", "apply_lora",
            "apply_peft", "lora_entries", "peft_types", "size_lora", "target_modules"]
@@ -184,7 +183,7 @@ def size_lora(layers: Mapping[str, torch.nn.Linear], entries: int, dora: bool,
     width = sum(layer.in_features + layer.out_features for layer in layers.values())
     magnitude = sum(layer.out_features for layer in layers.values()) if dora else 0
     rank = max(0, (entries - magnitude) // width)
-    ranks = {name: rank for name in layers}
+    ranks = dict.fromkeys(layers, rank)
     left = entries - lora_entries(layers, ranks, dora)
     for name in _priority(list(layers)):
         cost = layers[name].in_features + layers[name].out_features
@@ -263,7 +262,7 @@ def _apply_lora(backbone: Backbone, budget: float, options: LoRAOptions, dora: b
     if options.rank is None:
         ranks = size_lora(layers, entries, dora, pretrained)
     else:
-        ranks = {name: options.rank for name in layers}
+        ranks = dict.fromkeys(layers, options.rank)
     count = lora_entries(layers, ranks, dora)
     if abs(count - entries) > BUDGET_TOLERANCE * entries:
         reason = (f"rank {options.rank} was given" if options.rank is not None else

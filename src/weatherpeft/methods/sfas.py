@@ -445,10 +445,8 @@ class FisherSelection(MaskedUpdate):
             return top_k(scores, sizes, k) if chosen is None else chosen
 
         k = self.per_step_entries
-        if self.cap is None:
-            chosen = best(k)
-        else:
-            chosen = self._strict_selection(best, scores, names, sizes, k, top_k)
+        chosen = best(k) if self.cap is None else \
+            self._strict_selection(best, scores, names, sizes, k, top_k)
         self.set_selection(dict(zip(names, chosen)))
 
     def _pruned_top_k(self, values_of: Callable[[int], torch.Tensor], squared: bool,

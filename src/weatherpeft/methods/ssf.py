@@ -45,8 +45,7 @@ from aurora.model.film import AdaptiveLayerNorm
 from torch import nn
 
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
-                                      register_method)
+from weatherpeft.methods.base import BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries, register_method
 from weatherpeft.methods.output_hooks import OutputHooks, module_key
 
 __all__ = ["SITE_KINDS", "SSF", "SSFOptions", "ScaleShift", "apply_ssf", "fold_scale_shift",

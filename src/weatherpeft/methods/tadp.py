@@ -23,8 +23,9 @@ a ``Linear(D, r, bias=False)`` then ``Linear(r, C)`` with r = d_bottleneck, for 
 widths without parameters; the exact interpolation is our reading).
 ``sharing`` decides how many generators there are: one per site ("block"), one per
 encoder/decoder layer ("stage"), or one for all sites ("all"); width maps belong to their
-generator, and under "all" there is one per distinct width. E is read from the live embedding weights, so gradients reach
-trainable embeddings (new variables' task heads) and a new variable shapes the prompts.
+generator, and under "all" there is one per distinct width. E is read from the live embedding
+weights, so gradients reach trainable embeddings (new variables' task heads) and a new variable
+shapes the prompts.
 """
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import (BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries,
-                                      register_method)
+from weatherpeft.methods.base import BUDGET_TOLERANCE, Adaptation, BudgetError, budget_entries, register_method
 from weatherpeft.methods.prompts import PromptInjector, site_width
 
 __all__ = ["VPTOptions", "VPTPrompts", "apply_vpt"]

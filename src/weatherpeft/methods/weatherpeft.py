@@ -28,10 +28,17 @@ import logging
 from dataclasses import dataclass
 
 from weatherpeft.backbones.base import Backbone
-from weatherpeft.methods.base import (Adaptation, BudgetError, budget_entries, register_method)
+from weatherpeft.methods.base import Adaptation, BudgetError, budget_entries, register_method
 from weatherpeft.methods.sfas import SFASConfig, attach_sfas, selectable_parameters
-from weatherpeft.methods.tadp import (SHARING_MODES, SIZED_WIDTH_MAPS, TADP, WIDTH_MAPS, TADPConfig,
-                                      fit_tadp_config, tadp_parameter_count)
+from weatherpeft.methods.tadp import (
+    SHARING_MODES,
+    SIZED_WIDTH_MAPS,
+    TADP,
+    WIDTH_MAPS,
+    TADPConfig,
+    fit_tadp_config,
+    tadp_parameter_count,
+)
 
 __all__ = ["PAPER_PROMPT_LENGTHS", "SIZINGS", "TADPOptions", "WeatherPEFTOptions", "apply_tadp",
            "apply_weatherpeft", "size_tadp", "with_paper_prompt_length"]

@@ -358,8 +358,9 @@ class ForecastingTask(Task):
 
     Loss: with e = (prediction − target) / scale (per variable and per level; the
     location cancels; ``loss_scales`` = the statistics' standard deviations by default, or
-    ``"tendency"`` for the RMS one-step change, see :func:`tendency_scales`), the latitude-weighted spatial mean of e² averaged over batch and
-    time gives one term per surface variable and per (atmospheric variable, level). An
+    ``"tendency"`` for the RMS one-step change, see :func:`tendency_scales`), the
+    latitude-weighted spatial mean of e² averaged over batch and time gives one term per surface
+    variable and per (atmospheric variable, level). An
     atmospheric variable's term is the mean over its levels; the loss is the mean over
     variables (weighted by ``variable_weights``, default 1 each). So every variable
     counts equally whatever its number of levels, and within it every level counts equally.
@@ -555,7 +556,7 @@ class ForecastingTask(Task):
         return self._climatology_devices[key]
 
     def _check_stats(self) -> None:
-        keys = [name for name in self._selection.surf.values()]
+        keys = list(self._selection.surf.values())
         keys += [f"{name}_{level_to_str(level)}" for name in self._selection.atmos.values()
                  for level in self._selection.levels]
         for scales, what in ((self.stats.scales, "normalisation statistics"), (self.loss_scales, "loss scales")):

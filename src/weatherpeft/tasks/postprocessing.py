@@ -867,7 +867,7 @@ class PostprocessingTask(Task):
             channels = [(None, channel_name(v))] if v in self._surf.values() else \
                 [(c, channel_name(v, level)) for c, level in enumerate(self.levels)]
             for c, channel in channels:
-                def pick(values: torch.Tensor) -> torch.Tensor:
+                def pick(values: torch.Tensor, c: int | None = c) -> torch.Tensor:
                     return values if c is None else values[:, c]
 
                 m, s, t = pick(mean[v]), pick(std[v]), pick(truth[v])

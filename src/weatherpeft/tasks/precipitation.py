@@ -396,10 +396,10 @@ class PrecipitationTask(Task):
         if direct:  # every head is normalised as tp is
             self.stats = dataclasses.replace(
                 self.stats,
-                locations={**self.stats.locations, **{h: self.stats.locations[PRECIPITATION]
-                                                      for h in self.heads.values()}},
-                scales={**self.stats.scales, **{h: self.stats.scales[PRECIPITATION]
-                                                for h in self.heads.values()}})
+                locations={**self.stats.locations,
+                           **dict.fromkeys(self.heads.values(), self.stats.locations[PRECIPITATION])},
+                scales={**self.stats.scales,
+                        **dict.fromkeys(self.heads.values(), self.stats.scales[PRECIPITATION])})
 
         weights = {PRECIPITATION: 5.0, **dict(variable_weights or {})}
         known = list(sel.dynamic.values())
