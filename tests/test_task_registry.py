@@ -85,11 +85,13 @@ def test_an_unknown_task_lists_the_known_ones_and_how_to_add_one():
 
 
 def test_benchmark_takes_a_registered_task(registered):
-    from weatherpeft.benchmark import BenchmarkConfig, plan
+    from weatherpeft.benchmark import PROFILES, BenchmarkConfig, plan
 
     register_task("toy", toy_builder)
-    runs = plan(BenchmarkConfig(tasks=("toy",), methods=("lora",)))
-    assert [(r.task, r.steps, r.batch_size) for r in runs] == [("toy", 30, 4)]
+    runs = plan(BenchmarkConfig(tasks=("toy",), methods=("lora",), encoder_decoder=("train",)))
+    quick = PROFILES["quick"]  # an outside task takes the profile's downscaling protocol
+    assert [(r.task, r.steps, r.batch_size) for r in runs] == \
+        [("toy", quick.steps["downscaling"], quick.batch_size["downscaling"])]
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
         BenchmarkConfig(tasks=("nope",))
 
