@@ -54,10 +54,7 @@ class TemperatureAhead(Task):
         selection = train.selection
         if grid is not None:
             grid.check(len(selection.lat), len(selection.lon), f"store {train.source}")
-        self._variables = TaskVariables(surf_vars=tuple(selection.surf.values()),
-                                        atmos_vars=tuple(selection.atmos.values()),
-                                        static_vars=tuple(selection.static.values()),
-                                        levels=tuple(selection.levels))
+        self._variables = TaskVariables.from_selection(selection)
         # The backbone's statistics (every variable here is pretrained); else measured.
         self.stats = stats if stats is not None else compute_stats(store, train.spec)
         self._datasets = {"train": train}

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from conftest import load_pretrained_tiny
+from helpers import outputs
 from safetensors.torch import load_file, save_file
 
 from weatherpeft.adapters import (
@@ -40,13 +41,6 @@ def trained(march_task, tmp_path_factory):
             param_groups=adaptation.param_groups(config.weight_decay)).fit()
     adaptation.eval()
     return adaptation, save_adapter(adaptation, folder / "adapter")
-
-
-def outputs(model, batch):
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {**prediction.surf_vars, **prediction.atmos_vars}
 
 
 def assert_same(a, b):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from aurora import Aurora
 from conftest import PRETRAINED_TINY, load_pretrained_tiny
+from helpers import outputs
 from safetensors.torch import load_file
 
 import weatherpeft
@@ -28,13 +29,6 @@ def own_aurora() -> Aurora:
     model.load_state_dict(load_file(PRETRAINED_TINY / "model.safetensors"))
     load_pretrained_tiny().stats.install()  # its statistics, as a user of these weights would
     return model
-
-
-def outputs(model, batch):
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {**prediction.surf_vars, **prediction.atmos_vars}
 
 
 @pytest.mark.parametrize("method, budget, options", [("weatherpeft", 0.04, {"gamma": 0.5}),

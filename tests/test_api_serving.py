@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import load_pretrained_tiny
+from helpers import outputs
 
 from weatherpeft import MultiAdapterModel
 from weatherpeft.adapters import AdapterError, load_adapter, load_merged, save_adapter, save_merged
@@ -49,13 +50,6 @@ def served(adapters):
     for name, path in adapters.items():
         model.add_adapter(name, path)
     return model
-
-
-def outputs(model, batch):
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {**prediction.surf_vars, **prediction.atmos_vars}
 
 
 def assert_equal(a, b, exact=True):

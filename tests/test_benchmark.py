@@ -3,6 +3,7 @@ stage), the plan and its cost model, and the report (views, claims, learning rat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 from weatherpeft.benchmark import (
     RECORD_KEYS,
     BenchmarkConfig,
+    Run,
+    _carried,
+    _chunks,
     _with_choices,
     choose_learning_rates,
     estimate_seconds,
@@ -70,6 +74,13 @@ def test_tiny_grid_writes_valid_json_markdown_and_plots(tmp_path):
     config.resume = True
     assert run_benchmark(config) == records  # nothing re-run
     assert adapter.stat().st_mtime_ns == stamp
+    # a narrower command into the same folder (one chunk of a grid) keeps what it does not cover
+    narrow = dataclasses.replace(config, methods=("frozen",))
+    assert run_benchmark(narrow) == [records[0], records[2]]
+    content = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert sorted(r["method"] for r in content["records"]) == ["frozen", "frozen", "lora"]
+    assert content["about"]["earlier"][-1]["started"]
+    assert "| lora | 0.3% | " in (tmp_path / "bench" / "benchmark.md").read_text()
 
 
 def test_selection_stage_reads_validation_only_and_the_test_run_takes_the_choice(tmp_path):
@@ -95,6 +106,30 @@ def test_selection_stage_reads_validation_only_and_the_test_run_takes_the_choice
     assert f"| precipitation | lora | train | {best['lr']:g} / {best['new_lr']:g} |" in markdown
     config.resume = True
     assert run_benchmark(config) == [record]  # selection and test records both kept
+
+
+def test_resume_keeps_other_chunks_and_a_replanned_cell_gives_way():
+    def run(task, method, steps, stage="test", lr=1e-3):
+        return Run(task=task, method=method, budget=0.003, seed=0, steps=steps, batch_size=2, lr=lr,
+                   new_lr=6e-3, encoder_decoder="train", stage=stage)
+
+    def record(planned):
+        return {"settings": planned.settings(), "stage": planned.stage, "error": None, "task": planned.task,
+                "method": planned.method}
+
+    old_lora, old_select = run("downscaling", "lora", 100), run("downscaling", "lora", 25, stage="select")
+    other_task = run("precipitation", "lora", 300)
+    previous = {"selection": [record(old_select)], "records": [record(old_lora), record(other_task)],
+                "choices": [{"task": t, "method": "lora", "encoder_decoder": "train", "lr": 1e-3}
+                            for t in ("downscaling", "precipitation")],
+                "about": {"command": "weatherpeft benchmark --tasks precipitation", "started": "then"}}
+    planned = [run("downscaling", "lora", 200), run("downscaling", "lora", 50, stage="select")]
+    selection, records, choices = _carried(previous, planned)
+    assert selection == [] and records == [record(other_task)]  # the longer schedule supersedes
+    assert [c["task"] for c in choices] == ["precipitation"]
+    assert _chunks(previous) == [{"command": "weatherpeft benchmark --tasks precipitation", "started": "then"}]
+    assert _carried(previous, [run("downscaling", "lora", 50, stage="select", lr=3e-3)])[0] == \
+        [record(old_select)]  # another candidate's pair: the old one stays
 
 
 def test_choice_follows_the_validation_loss_never_the_test_scores():

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_pretrained_tiny
+from helpers import outputs
 
 from weatherpeft import distributed
 from weatherpeft.adapters import load_adapter
@@ -82,13 +83,6 @@ def trained_state(adaptation, summary, out_dir) -> dict:
 def sample_batch():
     task = march_task()
     return task.collate([task.datasets()["val"][0]])[0]
-
-
-def outputs(model, batch) -> dict[str, torch.Tensor]:
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {k: v.clone() for k, v in {**prediction.surf_vars, **prediction.atmos_vars}.items()}
 
 
 def row_shard(full: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:

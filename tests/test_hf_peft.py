@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_pretrained_tiny
+from helpers import outputs
 from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file
 
@@ -17,14 +18,6 @@ from weatherpeft.train import TrainConfig, Trainer
 
 #: Relative tolerance (of each variable's largest value) for "same outputs up to float rounding".
 ROUNDING = 1e-6
-
-
-def outputs(model, batch):
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {key: value.clone()
-            for key, value in {**prediction.surf_vars, **prediction.atmos_vars}.items()}
 
 
 def assert_close(a, b, rel=ROUNDING):

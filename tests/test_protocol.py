@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 from conftest import load_pretrained_tiny
+from helpers import outputs
 
 from weatherpeft.adapters import (
     CONFIG_FILE,
@@ -135,13 +136,6 @@ def test_frozen_is_the_default_and_changes_nothing():
             if method != "frozen" else []
         assert not any(name.startswith("encoder_decoder") for name in names)
         assert not any(key.startswith("encoder_decoder.") for key in adapter_tensors(adaptation))
-
-
-def outputs(model, batch):
-    model.eval()
-    with torch.no_grad():
-        prediction = model(batch)
-    return {**prediction.surf_vars, **prediction.atmos_vars}
 
 
 def test_adapter_round_trip_under_train_is_exact_and_old_files_load_as_frozen(

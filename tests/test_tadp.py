@@ -14,6 +14,7 @@ import torch
 from conftest import load_pretrained_tiny
 
 from weatherpeft.data.stats import NormalisationStats
+from weatherpeft.methods.base import apply_method
 from weatherpeft.methods.prompts import PromptInjector
 from weatherpeft.methods.tadp import (
     TADP,
@@ -86,6 +87,23 @@ def test_invisible_prompts_change_nothing_visible_ones_do_and_detach_restores(bu
         assert (masked - reference).abs().max() <= 2e-6 * scale
         assert (changed - reference).abs().max() >= 1e-4 * scale
         assert torch.equal(after, reference)
+
+
+def test_prompts_hidden_gives_the_unprompted_model_and_then_the_prompts_back(builtin_batches):
+    inputs, _ = builtin_batches
+    with torch.no_grad():
+        plain = outputs(frozen_tiny()(inputs))
+        adaptation = apply_method("tadp", frozen_tiny(), 0.01).eval()
+        for parameter in adaptation.parts.parameters():  # prompts that visibly change the output
+            parameter.add_(0.5 * torch.randn_like(parameter))
+        prompted = outputs(adaptation(inputs))
+        with adaptation.prompts_hidden() as bare:
+            hidden = outputs(bare(inputs))
+        again = outputs(adaptation(inputs))
+    for reference, without, with_prompts, after in zip(plain, hidden, prompted, again):
+        assert torch.equal(without, reference)
+        assert (with_prompts - reference).abs().max() >= 1e-4 * reference.abs().max()
+        assert torch.equal(after, with_prompts)
 
 
 @pytest.mark.parametrize("key_bias", [0.0, float("-inf")])

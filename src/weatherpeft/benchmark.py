@@ -159,11 +159,11 @@ PROFILES = {
                         select_steps={"downscaling": 40, "postprocessing": 20, "precipitation": 80},
                         val_points=5, val_batches=4, select_val_batches=16),
     # Every method of the paper's tables, both budgets, both accountings, 2 seeds under the paper's
-    # protocol; the "frozen" protocol for full, encoder/decoder only, LoRA and WeatherPEFT. The
+    # protocol; the "frozen" protocol for full, frozen, LoRA, SFAS-only and WeatherPEFT. The
     # learning rates are chosen once per method and task (under "train", holding for both
-    # protocols) on seed 0 with a quarter-length schedule and 32 validation batches. ~6.4 h quiet
-    # by the cost model (`--dry-run`): the grid's fixed cost alone (set-up, test evaluation,
-    # validation of 312 runs) is ~1 h, so a 2-hour run (`--step-scale 0.25`: 100 / 30 / 150
+    # protocols) on seed 0 with a quarter-length schedule and 32 validation batches. ~7.3 h quiet
+    # by the cost model (`--dry-run`; 108 + 228 runs): the grid's fixed cost alone (set-up, test
+    # evaluation, validation) is over an hour, so a 2-hour run (`--step-scale 0.25`: 100 / 30 / 150
     # steps) trains less than the standard profile. Lengths: downscaling 400 (the task that
     # separates methods; still improving there, flat from ~1,500), post-processing 120 (2 epochs; it does not
     # separate methods), precipitation 600 (past the flattening at ~500).
@@ -171,7 +171,7 @@ PROFILES = {
                      steps={"downscaling": 400, "postprocessing": 120, "precipitation": 600},
                      batch_size=dict.fromkeys(TASK_NAMES, 2), seeds=(0, 1),
                      encoder_decoder=("train", "frozen"),
-                     protocol_methods={"frozen": ("full", "frozen", "lora", "weatherpeft")},
+                     protocol_methods={"frozen": ("full", "frozen", "lora", "sfas", "weatherpeft")},
                      accountings=("trainable", "stored"), lr_grid=LR_GRID,
                      select_steps={"downscaling": 100, "postprocessing": 40, "precipitation": 150},
                      select_once=True, val_points=8, val_batches=4, select_val_batches=32),
@@ -620,16 +620,50 @@ def describe_plan(selection: Sequence[Run], runs: Sequence[Run], workers: int) -
     return "\n".join(lines)
 
 
-def _stored_records(path: Path, resume: bool) -> dict[str, dict[str, Any]]:
-    """Finished records (selection and test) of an earlier benchmark.json, by settings."""
+def _previous_benchmark(path: Path, resume: bool) -> dict[str, Any]:
+    """The earlier ``benchmark.json`` in ``--out`` (empty without one); refused without ``--resume``."""
     if not path.is_file():
         return {}
     if not resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    content = json.loads(path.read_text())
-    return {json.dumps(r["settings"], sort_keys=True): r
-            for r in content.get("selection", []) + content["records"]
-            if "settings" in r and not r["error"]}
+    return json.loads(path.read_text())
+
+
+def _settings_key(settings: Mapping[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def _cell(settings: Mapping[str, Any]) -> tuple:
+    """What a record stands for in the tables, whatever its schedule: a test cell, or one
+    selection candidate (its learning rates)."""
+    stage = settings.get("stage", "test")
+    pair = (settings["lr"], settings["new_lr"]) if stage == "select" else ()
+    return (stage, settings["task"], settings["method"], settings["budget"],
+            settings["seed"] if stage == "test" else None, settings.get("encoder_decoder", "frozen"),
+            settings.get("accounting", "trainable"), *pair)
+
+
+def _carried(previous: Mapping[str, Any], planned: Sequence[Run]) -> tuple[list, list, list]:
+    """The earlier selection records, test records and choices this command's grid does not
+    cover: they stay, so a grid run in chunks (``--tasks``, ``--seeds``, …) into one ``--out``
+    accumulates. A record of a cell this command plans (at any schedule) gives way to it."""
+    cells = {_cell(run.settings()) for run in planned}
+    keep = [r for r in previous.get("selection", []) + previous.get("records", [])
+            if "settings" in r and not r["error"] and _cell(r["settings"]) not in cells]
+    chosen = {run.selection_key for run in planned}
+    choices = [c for c in previous.get("choices", [])
+               if (c["task"], c["method"], c["encoder_decoder"]) not in chosen]
+    return ([r for r in keep if r.get("stage") == "select"], [r for r in keep if r.get("stage") != "select"],
+            choices)
+
+
+def _chunks(previous: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The commands that wrote an earlier ``benchmark.json`` (for the report's set-up line)."""
+    about = previous.get("about")
+    if not about:
+        return []
+    return [*about.get("earlier", []),
+            {key: about[key] for key in ("command", "started", "finished") if key in about}]
 
 
 def run_benchmark(config: BenchmarkConfig) -> list[dict[str, Any]]:
@@ -652,17 +686,23 @@ def run_benchmark(config: BenchmarkConfig) -> list[dict[str, Any]]:
                   f"~{estimate_seconds(run):.0f} s", flush=True)
         return []
     json_path = out / "benchmark.json"
-    done = _stored_records(json_path, config.resume)
+    previous = _previous_benchmark(json_path, config.resume)
+    done = {_settings_key(r["settings"]): r for r in previous.get("selection", []) + previous.get("records", [])
+            if "settings" in r and not r["error"]}
+    kept_selection, kept_records, kept_choices = _carried(previous, [*selection, *runs])
     about = _about(config, workers)
+    if _chunks(previous):
+        about["earlier"] = _chunks(previous)
     records: dict[str, dict[str, Any]] = {}
     choices: dict[tuple, dict[str, Any]] = {}
 
     def save() -> None:
         if main:
             write_json(json_path, {
-                "about": about, "selection": [records[r.name] for r in selection if r.name in records],
-                "choices": list(choices.values()),
-                "records": [records[r.name] for r in runs if r.name in records]}, sort_keys=False)
+                "about": about,
+                "selection": kept_selection + [records[r.name] for r in selection if r.name in records],
+                "choices": kept_choices + list(choices.values()),
+                "records": kept_records + [records[r.name] for r in runs if r.name in records]}, sort_keys=False)
 
     def finished(record: dict[str, Any]) -> None:
         records[Path(record["run_dir"]).relative_to(out / "runs").as_posix()] = record
@@ -684,8 +724,9 @@ def run_benchmark(config: BenchmarkConfig) -> list[dict[str, Any]]:
     save()
     ordered = [records[r.name] for r in runs]
     if main:
-        write_report(ordered, about, out, selection=[records[r.name] for r in selection],
-                     choices=list(choices.values()))
+        write_report(kept_records + ordered, about, out,
+                     selection=kept_selection + [records[r.name] for r in selection],
+                     choices=kept_choices + list(choices.values()))
     return ordered
 
 
@@ -697,7 +738,7 @@ def _execute(runs: Sequence[Run], done: Mapping[str, dict[str, Any]], records: d
 
     todo = []
     for run in runs:
-        key = json.dumps(run.settings(), sort_keys=True)
+        key = _settings_key(run.settings())
         if key in done:
             records[run.name] = done[key]
         else:

@@ -399,6 +399,9 @@ def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str,
     seeds = sorted({r["seed"] for r in records})
     lines = ["# Benchmark", "",
              f"Command: `{about.get('command', '')}`  ",
+             *(f"Earlier into the same folder (its records kept where this command's grid does not "
+               f"cover them): `{chunk.get('command', '')}` (started {chunk.get('started')})  "
+               for chunk in about.get("earlier", [])),
              f"Profile `{about.get('profile')}` · backbone `{about.get('config', {}).get('backbone')}` · "
              f"device {about.get('device')} · {about.get('workers')} worker(s) · torch {about.get('torch')} · "
              f"seeds {seeds} (mean ± std where more than one) · started {about.get('started')}"

@@ -28,6 +28,7 @@ the per-step k.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -36,7 +37,7 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +204,19 @@ class Adaptation(torch.nn.Module):
         """Forget prompts cached for inference (after weights changed outside training)."""
         for injector in self._injectors:
             injector.invalidate()
+
+    @contextlib.contextmanager
+    def prompts_hidden(self) -> Iterator[Adaptation]:
+        """Inside the block, the adapted model without its prompts — every other change kept
+        (a diagnostic: what do the prompts add?)."""
+        attached = [injector for injector in self._injectors if injector.attached]
+        for injector in attached:
+            injector.detach()
+        try:
+            yield self
+        finally:
+            for injector in attached:
+                injector.attach()
 
     # -- roles ----------------------------------------------------------------------------
 

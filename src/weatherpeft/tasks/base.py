@@ -27,7 +27,7 @@ from aurora import Batch
 from torch.utils.data import DataLoader, Dataset
 
 from weatherpeft.data.stats import NormalisationStats
-from weatherpeft.data.wb2 import collate_batches
+from weatherpeft.data.wb2 import StoreSelection, collate_batches
 
 __all__ = ["SPLITS", "Task", "TaskVariables"]
 
@@ -66,6 +66,12 @@ class TaskVariables:
                 raise ValueError(f"{new} {sorted(missing)} must also be listed in {known}")
         if self.atmos_vars and not self.levels:
             raise ValueError(f"atmospheric variables {list(self.atmos_vars)} need pressure levels")
+
+    @classmethod
+    def from_selection(cls, selection: StoreSelection) -> TaskVariables:
+        """The variables a store selection carries, in Aurora's names (none of them new)."""
+        return cls(surf_vars=tuple(selection.surf.values()), atmos_vars=tuple(selection.atmos.values()),
+                   static_vars=tuple(selection.static.values()), levels=tuple(selection.levels))
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -455,10 +455,7 @@ class DownscalingTask(Task):
             coarse_coordinates(sel.lat, sel.lon, self.coarse_factor)  # divisibility, early
         if grid is not None:  # the backbone runs on the fine grid
             grid.check(len(sel.lat), len(sel.lon), f"store {self.source}")
-        self._variables = TaskVariables(surf_vars=tuple(sel.surf.values()),
-                                        atmos_vars=tuple(sel.atmos.values()),
-                                        static_vars=tuple(sel.static.values()),
-                                        levels=tuple(sel.levels))
+        self._variables = TaskVariables.from_selection(sel)
         self.stats = complete_stats(stats, store, self.spec("train"))
         self._datasets: dict[str, Dataset] | None = None
         self._scales: dict[tuple, dict[str, torch.Tensor]] = {}

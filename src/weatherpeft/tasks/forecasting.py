@@ -407,10 +407,7 @@ class ForecastingTask(Task):
         sel = self._selection
         if grid is not None:
             grid.check(len(sel.lat), len(sel.lon), f"store {self.source}")
-        self._variables = TaskVariables(surf_vars=tuple(sel.surf.values()),
-                                        atmos_vars=tuple(sel.atmos.values()),
-                                        static_vars=tuple(sel.static.values()),
-                                        levels=tuple(sel.levels))
+        self._variables = TaskVariables.from_selection(sel)
         self.stats = stats if stats is not None else compute_stats(store, self.spec("train"))
         if loss_scales == "tendency":
             loss_scales = tendency_scales(store, self.spec("train"))
