@@ -24,7 +24,14 @@ from weatherpeft.benchmark import (
     run_benchmark,
     selection_plan,
 )
-from weatherpeft.benchmark_report import CLAIMS, aggregate, benchmark_markdown, check_claim, claims
+from weatherpeft.benchmark_report import (
+    CLAIMS,
+    aggregate,
+    benchmark_markdown,
+    check_claim,
+    claims,
+    protocol_table,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -294,6 +301,22 @@ def test_report_has_a_section_per_view_and_the_encoder_decoder_only_reference():
     assert "| frozen |" not in train_trainable  # it is the reference row there
     assert set(aggregate(records, "train")) == {("downscaling", "frozen", None),
                                                 ("downscaling", "lora", 0.003), ("downscaling", "sfas", 0.003)}
+
+
+def test_protocols_side_by_side_with_the_gap_full_fine_tuning_leaves():
+    records = [_record("frozen", None, 0, **{"2t": 3.0}), _record("full", None, 0, **{"2t": 1.5}),
+               _record("lora", 0.003, 0, **{"2t": 2.4}), _record("lora", 0.003, 1, **{"2t": 2.7}),
+               _record("lora", 0.04, 0, **{"2t": 2.1}),
+               _record("frozen", None, 0, "train", **{"2t": 2.4}), _record("full", None, 0, "train", **{"2t": 1.8}),
+               _record("lora", 0.003, 0, "train", **{"2t": 2.1})]
+    table = "\n".join(protocol_table(records))
+    score = "downscaling (RMSE / bilinear, mean of the variables)"
+    assert f"| {score} | frozen / encoder/decoder only | — | 1 | 0.800 |" in table
+    assert f"| {score} | full | — | 0.500 | 0.600 |" in table
+    assert f"| {score} | lora | 0.3% | 0.850 ± 0.071 | 0.700 |" in table  # its smallest budget only
+    assert "4%" not in table and "downscaling 25.0%" in table  # 1 − 0.6 / 0.8
+    assert protocol_table(records[:5]) == []  # one protocol: nothing to set side by side
+    assert "# The two protocols side by side" in benchmark_markdown(records, {"command": "x"})
 
 
 @pytest.mark.slow

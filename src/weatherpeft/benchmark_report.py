@@ -27,7 +27,7 @@ from typing import Any
 
 from weatherpeft.atomic import atomic_write, write_text
 
-__all__ = ["CLAIMS", "Claim", "aggregate", "benchmark_markdown", "check_claim", "claims", "protocols",
+__all__ = ["CLAIMS", "Claim", "aggregate", "benchmark_markdown", "check_claim", "claims", "protocol_table", "protocols",
            "save_learning_curves", "save_quality_plot", "views", "write_report"]
 
 #: The paper's downscaling variables, in its column order (our channel names).
@@ -431,6 +431,7 @@ def benchmark_markdown(records: Sequence[Mapping[str, Any]], about: Mapping[str,
             lines += [f"## The paper's claims and ablation order on this data{suffix}", "",
                       "| claim | measured (mean ± std over seeds) | verdict | seeds |", "|---|---|---|---|"]
             lines += [f"| {c} | {m} | {v} | {n} |" for c, m, v, n in checked] + [""]
+    lines += protocol_table(records)
     lines += _selection_table(selection, choices)
     lines += _cost_table(list(selection) + list(records))
     return "\n".join(lines)
@@ -447,6 +448,55 @@ def _summary_score(task: str, metrics: Mapping[str, tuple]) -> float | None:
     ratios = [v[0] / metrics[source + k[len(prefix):]][0] for k, v in metrics.items()
               if k.startswith(prefix) and source + k[len(prefix):] in metrics]
     return statistics.fmean(ratios) if ratios else None
+
+
+def _seed_summary(task: str, runs: Sequence[Mapping[str, Any]]) -> tuple[float, float, int] | None:
+    """The task's summary score (:func:`_summary_score`) per run, as (mean, std, n) over seeds."""
+    values = [_summary_score(task, {k: (float(v), 0.0, 1) for k, v in r["metrics"].items()}) for r in runs]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+SUMMARY_NAMES = {"downscaling": "RMSE / bilinear, mean of the variables",
+                 "postprocessing": "CRPS / raw ensemble, mean of the channels",
+                 "precipitation": "SEEPS, mean of the leads"}
+
+
+def protocol_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Both protocols side by side (first accounting, smallest budget of each method), one
+    summary score per task, and the gap between full fine-tuning and the encoder/decoder alone:
+    what the protocol decides. Empty unless both protocols ran a method besides "frozen"."""
+    if set(protocols(records)) != {"frozen", "train"}:
+        return []
+    frozen, train = aggregate(records, "frozen"), aggregate(records, "train")
+    lines = ["# The two protocols side by side", "",
+             "Summary score per task (lower is better), mean ± std over seeds; each method at its "
+             "smallest budget, per-step accounting. Under \"frozen\" the frozen method is the "
+             "pretrained backbone untouched; under \"train\" it is the encoder/decoder-only reference.", "",
+             "| task (score) | method | budget | encoder/decoder frozen | encoder/decoder trained |",
+             "|---|---|---|---|---|"]
+    gaps = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        budgets: dict[str, float | None] = {}
+        for _, method, budget in _order({**frozen, **train}, task):
+            budgets.setdefault(method, budget)
+        for method, budget in budgets.items():
+            cells = [_cell(_seed_summary(task, groups[(task, method, budget)]["runs"]))
+                     if (task, method, budget) in groups else "—" for groups in (frozen, train)]
+            label = f"frozen / {ENCODER_DECODER_ONLY}" if method == "frozen" else method
+            lines.append(f"| {task} ({SUMMARY_NAMES.get(task, 'score')}) | {label} | "
+                         f"{_budget_label(budget)} | {cells[0]} | {cells[1]} |")
+        full, only = (train.get((task, m, None)) for m in ("full", "frozen"))
+        if full and only:
+            a, b = _seed_summary(task, full["runs"]), _seed_summary(task, only["runs"])
+            if a and b:
+                gaps.append(f"{task} {1 - a[0] / b[0]:.1%}")
+    if gaps:
+        lines += ["", "Full fine-tuning's gain over the encoder/decoder alone under \"train\" (the room "
+                  "the backbone leaves a method): " + ", ".join(gaps) + "."]
+    return lines + [""]
 
 
 def save_quality_plot(records: Sequence[Mapping[str, Any]], path: str | Path,
