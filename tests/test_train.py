@@ -13,9 +13,10 @@ from aurora import Batch, Metadata
 
 from weatherpeft.metrics import mse
 from weatherpeft.tasks.base import Task, TaskVariables
-from weatherpeft.train import (
+from weatherpeft.training import (
     TrainConfig,
     Trainer,
+    TrainingHook,
     default_param_groups,
     epoch_permutation,
     latest_checkpoint,
@@ -113,7 +114,7 @@ def test_warmup_then_cosine_schedule():
 def test_trainer_applies_the_schedule(tmp_path):
     seen = []
 
-    class RecordLR:
+    class RecordLR(TrainingHook):
         def on_before_optimizer_step(self, trainer, step):
             seen.append(trainer.optimizer.param_groups[0]["lr"])
 
@@ -182,7 +183,7 @@ def test_accumulation_matches_a_larger_batch(tmp_path):
 def test_hooks_run_after_clipping_and_before_the_step(tmp_path):
     calls = []
 
-    class Freeze:
+    class Freeze(TrainingHook):
         """Zeroes the bias gradient: if that happens before optimizer.step(), it never moves."""
 
         def on_before_optimizer_step(self, trainer, step):
@@ -204,7 +205,7 @@ def test_hooks_run_after_clipping_and_before_the_step(tmp_path):
     assert all(c[3] <= 0.01 * (1 + 1e-5) for c in calls if c[0] == "before")  # clipped already
 
 
-class GradientSum:
+class GradientSum(TrainingHook):
     """A stateful hook (like SFAS's Fisher accumulator) that must survive a resume."""
 
     def __init__(self):
@@ -310,7 +311,7 @@ def test_evaluate_amp_and_activation_checkpointing_switches(tmp_path, caplog):
             self.configured = True
 
     model = Checkpointable()
-    with caplog.at_level("INFO", logger="weatherpeft.train"):
+    with caplog.at_level("INFO", logger="weatherpeft.training"):
         trainer = Trainer(model, ToyTask(), config(tmp_path, amp="bf16",
                                                    activation_checkpointing=True))
     assert model.configured
