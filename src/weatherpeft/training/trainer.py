@@ -162,13 +162,10 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _fork_rng(self) -> AbstractContextManager:
-        return fork_rng(self.device)
-
     @contextmanager
     def _side_effect_free(self) -> Iterator[None]:
         """No gradients, a forked RNG, autocast: forwards that leave the trajectory alone."""
-        with torch.no_grad(), self._fork_rng(), self.autocast():
+        with torch.no_grad(), fork_rng(self.device), self.autocast():
             yield
 
     # -- data ---------------------------------------------------------------------------
@@ -203,13 +200,10 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------
 
-    def _parameters_with_grad(self) -> list[torch.Tensor]:
-        """Every trainable parameter holding a gradient (also those a hook updates itself)."""
-        return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-
     def _gradient_norm(self) -> tuple[list[torch.Tensor], torch.Tensor, float]:
-        """The parameters holding a gradient, the global norm of their gradients, its value."""
-        parameters = self._parameters_with_grad()
+        """The trainable parameters holding a gradient (also those a hook updates itself), the
+        global norm of their gradients, its value."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters \
             else torch.zeros(())
         return parameters, norm, float(norm.full_tensor() if distributed.is_dtensor(norm) else norm)
@@ -422,7 +416,7 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         try:
-            with self._fork_rng():
+            with fork_rng(self.device):
                 for index, batch in enumerate(loader):
                     if index >= limit:
                         break
