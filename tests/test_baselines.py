@@ -17,7 +17,7 @@ from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
 from weatherpeft.methods.child_tuning import ChildTuningOptions, RandomMask
 from weatherpeft.methods.sfas import selectable_parameters
 from weatherpeft.methods.ssf import SSFOptions, fold_scale_shift
-from weatherpeft.train import TrainConfig, Trainer
+from weatherpeft.training import TrainConfig, Trainer, TrainingHook
 
 METHODS = ("ssf", "vpt", "adaptformer", "child_tuning", "random_mask")
 MASKED = ("child_tuning", "random_mask")
@@ -266,7 +266,7 @@ def test_ssf_merge_refuses_a_norm_without_affine_and_changes_nothing(tmp_path):
 # -- the fixed masks ----------------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(TrainingHook):
     """A trainer hook noting the RNG state at fit start and the mask after every step."""
 
     def __init__(self, update=None):

@@ -384,7 +384,7 @@ def test_single_process_helpers_answer_for_a_world_of_one():
 
 
 def test_a_strategy_without_torchrun_trains_in_one_process(march_task, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="weatherpeft.train"):
+    with caplog.at_level("WARNING", logger="weatherpeft.training"):
         _, trainer, summary = fine_tune(march_task, tmp_path / "run", "ddp", 1, method="lora", steps=1)
     assert trainer.strategy == "none" and trainer.world_size == 1 and trainer.wrapped is trainer.model
     assert "without torchrun" in caplog.text and summary["step"] == 1

@@ -26,9 +26,10 @@ from test_train import ToyModel, ToyTask, config, records
 
 from weatherpeft import cli, distributed
 from weatherpeft.atomic import atomic_write
-from weatherpeft.train import (
+from weatherpeft.training import (
     DivergenceError,
     Trainer,
+    TrainingHook,
     TrainingInterrupted,
     epoch_permutation,
     latest_checkpoint,
@@ -42,7 +43,7 @@ EXACT = dict(steps=6, batch_size=2, accumulation_steps=2, warmup_steps=2, min_lr
              grad_clip=0.5, val_every=2, val_batches=1, log_every=1)
 
 
-class Pace:
+class Pace(TrainingHook):
     """Prints each finished step (flushed) and sleeps ``delay`` s; on ``signal_at`` (a 0-based
     step index, on rank ``rank``) sends ``signals`` to its own process."""
 
@@ -322,7 +323,7 @@ def test_a_nan_made_by_the_model_names_the_prediction(tmp_path):
         trainer.fit()
 
 
-class BackwardSpy:
+class BackwardSpy(TrainingHook):
     """Counts on_after_backward calls; at ``poison_at``, makes the gain's gradient infinite."""
 
     def __init__(self, poison_at: int | None = None):
@@ -377,7 +378,7 @@ def test_skipping_stops_after_max_skipped_steps_and_hooks_never_see_bad_gradient
 def test_a_skipped_step_changes_nothing_and_is_counted(tmp_path, caplog):
     task = poisoned_task(3, "input", task=WeightSpyTask())
     trainer = Trainer(ToyModel(), task, divergence_config(tmp_path, on_nonfinite="skip"))
-    with caplog.at_level(logging.WARNING, logger="weatherpeft.train"):
+    with caplog.at_level(logging.WARNING, logger="weatherpeft.training"):
         summary = trainer.fit()
     assert "update skipped (1 of at most 10): training loss is nan at step 3" in caplog.text
     assert "input.surf_vars['2t'] at index (0, 1, 2, 3)" in caplog.text

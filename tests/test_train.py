@@ -13,15 +13,17 @@ from aurora import Batch, Metadata
 
 from weatherpeft.metrics import mse
 from weatherpeft.tasks.base import Task, TaskVariables
-from weatherpeft.train import (
+from weatherpeft.training import (
     TrainConfig,
     Trainer,
+    TrainingHook,
     default_param_groups,
     epoch_permutation,
     latest_checkpoint,
     load_model_state,
     lr_factor,
 )
+from weatherpeft.training.data_order import epoch_batches, validation_batches
 
 H, W = 4, 8
 LAT = torch.linspace(67.5, -67.5, H)
@@ -113,7 +115,7 @@ def test_warmup_then_cosine_schedule():
 def test_trainer_applies_the_schedule(tmp_path):
     seen = []
 
-    class RecordLR:
+    class RecordLR(TrainingHook):
         def on_before_optimizer_step(self, trainer, step):
             seen.append(trainer.optimizer.param_groups[0]["lr"])
 
@@ -182,7 +184,7 @@ def test_accumulation_matches_a_larger_batch(tmp_path):
 def test_hooks_run_after_clipping_and_before_the_step(tmp_path):
     calls = []
 
-    class Freeze:
+    class Freeze(TrainingHook):
         """Zeroes the bias gradient: if that happens before optimizer.step(), it never moves."""
 
         def on_before_optimizer_step(self, trainer, step):
@@ -204,7 +206,16 @@ def test_hooks_run_after_clipping_and_before_the_step(tmp_path):
     assert all(c[3] <= 0.01 * (1 + 1e-5) for c in calls if c[0] == "before")  # clipped already
 
 
-class GradientSum:
+def test_a_hook_must_be_a_training_hook(tmp_path):
+    class DuckTyped:
+        def on_before_optimizer_step(self, trainer, step):
+            pass
+
+    with pytest.raises(TypeError, match="not a TrainingHook"):
+        Trainer(ToyModel(), ToyTask(), config(tmp_path), hooks=[DuckTyped()])
+
+
+class GradientSum(TrainingHook):
     """A stateful hook (like SFAS's Fisher accumulator) that must survive a resume."""
 
     def __init__(self):
@@ -310,7 +321,7 @@ def test_evaluate_amp_and_activation_checkpointing_switches(tmp_path, caplog):
             self.configured = True
 
     model = Checkpointable()
-    with caplog.at_level("INFO", logger="weatherpeft.train"):
+    with caplog.at_level("INFO", logger="weatherpeft.training"):
         trainer = Trainer(model, ToyTask(), config(tmp_path, amp="bf16",
                                                    activation_checkpointing=True))
     assert model.configured
@@ -332,3 +343,12 @@ def test_epoch_order_is_a_seeded_permutation():
     a, b = epoch_permutation(20, 0, 0), epoch_permutation(20, 0, 1)
     assert sorted(a.tolist()) == list(range(20))
     assert torch.equal(a, epoch_permutation(20, 0, 0)) and not torch.equal(a, b)
+
+
+def test_ranks_slice_each_global_batch_and_pad_an_empty_slice():
+    # 5 samples, 2 per rank, 2 ranks: global batches [0..3] and [4]; rank 1's second is empty.
+    assert epoch_batches(5, seed=0, epoch=0, start=0, batch_size=2, world=2, rank=0) \
+        == [epoch_permutation(5, 0, 0).tolist()[:2]]
+    assert validation_batches(5, 8, 2, 2, 0) == ([[0, 1], [4]], frozenset())
+    assert validation_batches(5, 8, 2, 2, 1) == ([[2, 3], [4]], frozenset({1}))
+    assert validation_batches(5, 1, 2, 2, 1) == ([[2, 3]], frozenset())

@@ -9,8 +9,8 @@
     model.save_adapter("my-adapter")
 
 :class:`AdaptedModel` is the adapted module (call it as you called the model) plus the two things
-a hand-written loop must call. Its optimizer step is the :class:`~weatherpeft.train.Trainer`'s
-own (:meth:`~weatherpeft.train.Trainer.apply_gradients`): the methods' hooks (SFAS's selection
+a hand-written loop must call. Its optimizer step is the :class:`~weatherpeft.training.Trainer`'s
+own (:meth:`~weatherpeft.training.Trainer.apply_gradients`): the methods' hooks (SFAS's selection
 refresh and masked update, prompt recomputation) run in the same order as under
 ``weatherpeft finetune``, so the same seed, data order and settings give the same weights.
 """
@@ -32,7 +32,7 @@ from weatherpeft.backbones.base import Backbone
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.methods.base import Adaptation, ParameterReport, apply_method
 from weatherpeft.methods.child_tuning import ChildTuningD
-from weatherpeft.train import TrainConfig, Trainer
+from weatherpeft.training import TrainConfig, Trainer
 
 __all__ = ["AdaptedModel", "AdapterError", "adapt", "as_backbone", "load_adapter"]
 
@@ -89,7 +89,7 @@ class AdaptedModel(torch.nn.Module):
         if any(isinstance(hook, ChildTuningD) for hook in self.adaptation.hooks):
             raise ValueError(f"method '{self.adaptation.method}' computes its mask from a task's "
                              "training data before the first step; train it with "
-                             "weatherpeft.train.Trainer (or `weatherpeft finetune`)")
+                             "weatherpeft.training.Trainer (or `weatherpeft finetune`)")
         device = next(self.adaptation.parameters()).device
         config = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, betas=betas,
                              warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,

@@ -26,7 +26,7 @@ from weatherpeft.methods.base import apply_method, check_budget, get_method
 from weatherpeft.methods.weatherpeft import with_paper_prompt_length
 from weatherpeft.tasks import Task, build_task, parse_task_options
 from weatherpeft.tasks.grid import backbone_grid, check_aurora_variables
-from weatherpeft.train import TrainConfig, Trainer, seed_everything
+from weatherpeft.training import TrainConfig, Trainer, seed_everything
 
 __all__ = ["FinetuneConfig", "build_task", "parse_options", "run_finetune", "task_backbone"]
 

@@ -45,6 +45,7 @@ import torch
 from aurora import Batch
 
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, Backbone
+from weatherpeft.training.hooks import TrainingHook
 
 __all__ = [
     "BUDGET_TOLERANCE",
@@ -146,7 +147,7 @@ class Adaptation(torch.nn.Module):
         #: The protocol (see ENCODER_DECODER_PROTOCOLS), as the backbone was set to follow.
         self.encoder_decoder = backbone.encoder_decoder
         self.masked_updates: list[Any] = []
-        self.hooks: list[Any] = []
+        self.hooks: list[TrainingHook] = []
         self.merge_steps: list[Callable[[Adaptation], None]] = []
         #: What sizing chose (prompt length, split, ...): recorded, never read back as options.
         self.resolved: dict[str, Any] = {}

@@ -35,7 +35,7 @@ from weatherpeft.methods.base import Adaptation, budget_entries, register_method
 from weatherpeft.methods.masked_update import MaskedUpdate
 from weatherpeft.methods.selection import select_top_k
 from weatherpeft.methods.sfas import selectable_parameters
-from weatherpeft.train import move_to
+from weatherpeft.training.batches import move_to
 
 __all__ = ["ChildTuningD", "ChildTuningOptions", "FixedMask", "RandomMask", "RandomMaskOptions",
            "apply_child_tuning", "apply_random_mask"]

@@ -47,6 +47,7 @@ import torch
 
 from weatherpeft import distributed
 from weatherpeft.distributed import local_tensor
+from weatherpeft.training.hooks import TrainingHook
 
 __all__ = ["MaskedUpdate"]
 
@@ -108,7 +109,7 @@ class _Bucket:
         self.pending.zero_()
 
 
-class MaskedUpdate:
+class MaskedUpdate(TrainingHook):
     """Trainer hook that trains only the selected entries of ``parameters`` (see module doc).
 
     ``parameters``: name → pretrained parameter (contiguous, floating point).

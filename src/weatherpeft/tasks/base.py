@@ -4,7 +4,7 @@ A task turns a data source into ``(input, target)`` pairs of :class:`aurora.Batc
 train and validation splits), states which variables and levels the backbone must take
 and which new ones it must learn to produce (task heads), defines the training loss on a
 prediction and a target, and evaluates a model with the metrics the paper reports for it.
-The :class:`~weatherpeft.train.Trainer`, :func:`~weatherpeft.finetune.run_finetune`, the
+The :class:`~weatherpeft.training.Trainer`, :func:`~weatherpeft.finetune.run_finetune`, the
 ``evaluate`` command, the benchmark and the maps only ever talk to a task through this
 contract (:class:`Task` lists every member they use).
 
