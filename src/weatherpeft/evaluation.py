@@ -153,14 +153,7 @@ def evaluate_adapters(cfg: EvaluateConfig) -> Iterator[AdapterScores]:
     task_name, options = _task_of(cfg, [read_adapter_config(path) for _, path in adapters])
     task = build_task(task_name, backbone_statistics(cfg.checkpoint), cfg.data, options,
                       grid=backbone_grid(cfg.checkpoint))
-    model = task_backbone(cfg.checkpoint, task)
-    if len(adapters) == 1:
-        model = load_adapter(adapters[0][1], model)
-    elif adapters:
-        model = MultiAdapterModel(model)
-        for name, path in adapters:
-            model.add_adapter(name, path)
-    model.eval()
+    model = _adapted_model(cfg.checkpoint, task, adapters).eval()
     runs = adapters if len(adapters) > 1 else [("", adapters[0][1] if adapters else "")]
     for name, path in runs:
         if name:
@@ -177,6 +170,18 @@ def evaluate_adapters(cfg: EvaluateConfig) -> Iterator[AdapterScores]:
             if cfg.map_variable:
                 result.map_path = _write_map(model, task, replace(cfg, out=out))
         yield result
+
+
+def _adapted_model(checkpoint: str, task, adapters: list[tuple[str, Path]]) -> torch.nn.Module:
+    """The checkpoint with the task's heads and one adapter loaded, or several on one backbone."""
+    model = task_backbone(checkpoint, task)
+    if len(adapters) == 1:
+        return load_adapter(adapters[0][1], model)
+    if adapters:
+        model = MultiAdapterModel(model)
+        for name, path in adapters:
+            model.add_adapter(name, path)
+    return model
 
 
 def _task_of(cfg: EvaluateConfig, saved: list[dict]) -> tuple[str, dict | None]:
