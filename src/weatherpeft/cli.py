@@ -33,8 +33,6 @@ from weatherpeft.results import results_markdown
 from weatherpeft.tasks import ENTRY_POINT_GROUP, describe_tasks
 from weatherpeft.train import DivergenceError, TrainConfig, TrainingInterrupted
 
-log = logging.getLogger("weatherpeft")
-
 
 def cmd_data_check(args) -> int:
     path = Path(args.path)
