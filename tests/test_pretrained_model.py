@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from weatherpeft.backbones.aurora import AuroraBackbone
-from weatherpeft.cli import EvaluateConfig, evaluation_task
+from weatherpeft.evaluation import EvaluateConfig, evaluation_task
 from weatherpeft.model_card import CARD_CHANNELS, load_card, score
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aurora-tiny"

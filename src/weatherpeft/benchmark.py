@@ -56,6 +56,7 @@ from typing import Any
 
 from weatherpeft.atomic import write_json
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS
+from weatherpeft.benchmark_report import PAPER_METHODS, write_report
 
 __all__ = ["ACCOUNTINGS", "BenchmarkConfig", "PROFILES", "Profile", "Run", "choose_learning_rates",
            "describe_plan",
@@ -66,9 +67,6 @@ log = logging.getLogger(__name__)
 
 #: Methods with no budget: trained (or scored) once per task and seed.
 BUDGET_FREE = ("full", "frozen")
-#: The paper's comparison, in its table order.
-PAPER_METHODS = ("full", "frozen", "lora", "dora", "ssf", "vpt", "adaptformer", "child_tuning",
-                 "random_mask", "tadp", "sfas", "weatherpeft")
 #: The paper's budgets: ~0.3 % and ~4 % of the backbone.
 PAPER_BUDGETS = (0.003, 0.04)
 TASK_NAMES = ("downscaling", "postprocessing", "precipitation")
@@ -670,7 +668,6 @@ def run_benchmark(config: BenchmarkConfig) -> list[dict[str, Any]]:
     """Select the learning rates, run the grid; write ``benchmark.json``, ``benchmark.md`` and
     the plots into ``config.out``. Returns the test records."""
     from weatherpeft import distributed
-    from weatherpeft.benchmark_report import write_report
 
     out = Path(config.out)
     runs = plan(config)

@@ -27,9 +27,13 @@ from typing import Any
 
 from weatherpeft.atomic import atomic_write, write_text
 
-__all__ = ["CLAIMS", "Claim", "aggregate", "benchmark_markdown", "check_claim", "claims", "protocol_table", "protocols",
+__all__ = ["CLAIMS", "PAPER_METHODS", "Claim", "aggregate", "benchmark_markdown", "check_claim", "claims",
+           "protocol_table", "protocols",
            "save_learning_curves", "save_quality_plot", "views", "write_report"]
 
+#: The paper's comparison, in its table order (the benchmark's ``paper`` profile runs these).
+PAPER_METHODS = ("full", "frozen", "lora", "dora", "ssf", "vpt", "adaptformer", "child_tuning",
+                 "random_mask", "tadp", "sfas", "weatherpeft")
 #: The paper's downscaling variables, in its column order (our channel names).
 DOWNSCALING_CHANNELS = ("2t", "10u", "10v", "t850", "z500")
 #: Reference sources each task reports beside the model, and how the table names them.
@@ -139,8 +143,6 @@ def _budget_label(budget: float | None) -> str:
 
 
 def _order(groups: Mapping[tuple, Any], task: str) -> list[tuple]:
-    from weatherpeft.benchmark import PAPER_METHODS
-
     def rank(key: tuple) -> tuple:
         _, method, budget = key
         position = PAPER_METHODS.index(method) if method in PAPER_METHODS else len(PAPER_METHODS)

@@ -14,10 +14,23 @@ that the comparison is then not at equal stored size. It writes both adapters an
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from weatherpeft.adapters import load_adapter
+from weatherpeft.backbones import backbone_statistics, load_backbone
+from weatherpeft.benchmark import training_protocol
+from weatherpeft.data import builtin, manifest, wb2
+from weatherpeft.data.inspect import describe_store
+from weatherpeft.finetune import FinetuneConfig, build_task, run_finetune, task_backbone
+from weatherpeft.metrics import rmse
+from weatherpeft.plots import save_task_map
+from weatherpeft.tasks.forecasting import rollout
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -50,8 +63,6 @@ class DemoConfig:
 
 
 def _check_world() -> bool:
-    from weatherpeft.data import builtin, manifest
-
     root = builtin.builtin_dir()
     problems = manifest.verify_manifest(root)
     if problems:
@@ -60,8 +71,6 @@ def _check_world() -> bool:
     content = json.loads((root / manifest.MANIFEST_NAME).read_text())
     print(f"Built-in world at {root}: {len(content['files'])} files, "
           f"{content['total_bytes'] / 2**20:.1f} MiB, checksums verified")
-    from weatherpeft.cli import describe_store
-
     for name in builtin.STORES:
         print("  " + describe_store(builtin.store_path(name)).replace("\n", "\n  "))
     return True
@@ -69,13 +78,6 @@ def _check_world() -> bool:
 
 def _forecast(checkpoint: Path) -> None:
     """A 24-hour roll-out of the pretrained backbone against persistence."""
-    import torch
-
-    from weatherpeft.backbones import load_backbone
-    from weatherpeft.data import builtin, wb2
-    from weatherpeft.metrics import rmse
-    from weatherpeft.tasks.forecasting import rollout
-
     dataset = wb2.WB2Dataset(builtin.store_path("downstream"), wb2.SampleSpec())
     backbone = load_backbone(checkpoint)
     inputs, _ = dataset[0]
@@ -94,12 +96,8 @@ def _forecast(checkpoint: Path) -> None:
 
 
 def _finetune(method: str, config: DemoConfig, checkpoint: Path) -> dict[str, Any]:
-    from weatherpeft.benchmark import training_protocol
-    from weatherpeft.finetune import FinetuneConfig, run_finetune
-
     folder = Path(config.out) / method
     if folder.exists():  # a previous demo's run: replace it
-        import shutil
         shutil.rmtree(folder)
     options = {"budget_mode": "strict"} if method == "weatherpeft" and config.strict else {}
     finetune = FinetuneConfig(task="downscaling", backbone=str(checkpoint), method=method,
@@ -152,14 +150,6 @@ def _size_verdict(results: dict[str, dict[str, Any]], config: DemoConfig) -> str
 
 def run_demo(config: DemoConfig) -> int:
     """World check, forecast, then WeatherPEFT vs LoRA on downscaling; returns an exit code."""
-    import torch
-
-    from weatherpeft.adapters import load_adapter
-    from weatherpeft.backbones import backbone_statistics
-    from weatherpeft.data import builtin
-    from weatherpeft.finetune import build_task, task_backbone
-    from weatherpeft.plots import save_task_map
-
     start = time.perf_counter()
     torch.set_num_threads(1)
     if not _check_world():

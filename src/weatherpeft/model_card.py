@@ -76,6 +76,39 @@ def refresh_model_rows(card: dict, model: Backbone, task: ForecastingTask, *,
                                 "rmse": score(model, task, check_windows, references=False)}}
 
 
+def card_facts(backbone: Backbone, about: dict) -> dict:
+    """The few lines a reader of the card wants first: the size, and from ``about`` (a
+    ``pretraining.json``) the data, the optimisation, the wall time and the final losses."""
+    facts = {"parameters": f"{sum(p.numel() for p in backbone.parameters()):,}"}
+    run, fit = about.get("pretraining"), about.get("fit")
+    if run and fit:
+        facts["pretraining data"] = (f"{run['store']} {run['train_start']} … {run['train_end']} "
+                                     f"(validation {run['val_start']} … {run['val_end']})")
+        facts["optimisation"] = (f"{int(fit['step'])} AdamW steps × batch {run['batch_size']}, lr {run['lr']} "
+                                 f"(warm-up {run['warmup_steps']}, cosine to ×{run['min_lr_ratio']}), "
+                                 f"weight decay {run['weight_decay']}, clip {run['grad_clip']}")
+        if "wall_seconds_this_invocation" in fit:
+            facts["wall time"] = (f"{fit['wall_seconds_this_invocation'] / 60:.1f} min on {run['threads']} CPU "
+                                  "thread(s)" + (" (last invocation of a resumed run)" if fit.get("resumed") else ""))
+        facts["final training loss / validation loss"] = \
+            f"{fit.get('loss', float('nan')):.4f} / {fit.get('val_loss', float('nan')):.4f}"
+    return facts
+
+
+def pretrained_about(backbone: Backbone, folder: Path) -> dict:
+    """What a card says about a backbone pretrained here (``folder``'s ``pretraining.json``
+    if any): name, summary, configuration, fingerprint and :func:`card_facts`."""
+    pretraining_path = Path(folder) / "pretraining.json"
+    about = json.loads(pretraining_path.read_text()) if pretraining_path.exists() else {}
+    about.update(name=f"{backbone.config['preset']} pretrained on the built-in world",
+                 summary="An Aurora-architecture model (microsoft-aurora's own Aurora class, use_lora=False) "
+                         "pretrained on 6-hour forecasting of every variable; the downstream tasks use "
+                         "years it never saw. Scores are roll-outs on the evaluated store.",
+                 backbone=backbone.config, fingerprint=backbone.fingerprint(),
+                 facts=card_facts(backbone, about))
+    return about
+
+
 def _key(source: str, channel: str, hours: int) -> str:
     return f"{source}/rmse/{channel}/{hours}h"
 

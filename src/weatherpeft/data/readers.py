@@ -99,15 +99,18 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weatherpeft.data.wb2 import (
-    _ANY_VALUE,
+from weatherpeft.data.canonical import canonicalise, rename_table
+from weatherpeft.data.layout import (
+    GRAVITY,
+    PLAUSIBLE_RANGES,
     SOURCE_ATTR,
     STORE_NAMES,
+    UNITS,
     DataError,
-    _is_zarr_dir,
-    _looks_like_netcdf,
-    _rename_table,
-    canonicalise,
+    convert_units,
+    is_zarr_dir,
+    looks_like_netcdf,
+    plausible_range,
 )
 
 __all__ = [
@@ -128,94 +131,6 @@ __all__ = [
     "open_weatherbench1",
     "plausible_range",
 ]
-
-#: Standard gravity (m s⁻²), as WeatherBench used to turn surface geopotential into orography.
-GRAVITY = 9.80665
-
-#: Canonical variable → its WB2 unit (as ERA5/WB2 spell it). Also the list of known variables.
-UNITS: dict[str, str] = {
-    "2m_temperature": "K",
-    "temperature": "K",
-    "skin_temperature": "K",
-    "sea_surface_temperature": "K",
-    "geopotential": "m**2 s**-2",
-    "geopotential_at_surface": "m**2 s**-2",
-    "10m_u_component_of_wind": "m s**-1",
-    "10m_v_component_of_wind": "m s**-1",
-    "u_component_of_wind": "m s**-1",
-    "v_component_of_wind": "m s**-1",
-    "mean_sea_level_pressure": "Pa",
-    "surface_pressure": "Pa",
-    "specific_humidity": "kg kg**-1",
-    "relative_humidity": "%",
-    "total_precipitation_6hr": "m",
-    "total_precipitation": "m",
-    "convective_precipitation": "m",
-    "land_sea_mask": "(0 - 1)",
-    "total_cloud_cover": "(0 - 1)",
-    "toa_incident_solar_radiation": "J m**-2",
-    "potential_vorticity": "K m**2 kg**-1 s**-1",
-    "vorticity": "s**-1",
-    "divergence": "s**-1",
-    "vertical_velocity": "Pa s**-1",
-    "total_column_water": "kg m**-2",
-    "total_column_water_vapour": "kg m**-2",
-    "soil_type": "~",
-}
-
-#: Canonical unit → {normalised spelling: (scale, offset)}: value_canonical = value · scale + offset.
-_CONVERSIONS: dict[str, dict[str, tuple[float, float]]] = {
-    "K": {"k": (1, 0), "kelvin": (1, 0), "degk": (1, 0), "degreesk": (1, 0),
-          "degc": (1, 273.15), "°c": (1, 273.15), "c": (1, 273.15), "celsius": (1, 273.15),
-          "deg_c": (1, 273.15), "degreesc": (1, 273.15), "degrees_celsius": (1, 273.15)},
-    "m**2 s**-2": {"m2s-2": (1, 0), "m2/s2": (1, 0), "jkg-1": (1, 0), "j/kg": (1, 0),
-                   "m": (GRAVITY, 0), "gpm": (GRAVITY, 0)},
-    "m s**-1": {"ms-1": (1, 0), "m/s": (1, 0)},
-    "Pa": {"pa": (1, 0), "hpa": (100, 0), "mb": (100, 0), "mbar": (100, 0), "millibars": (100, 0)},
-    "kg kg**-1": {"kgkg-1": (1, 0), "kg/kg": (1, 0), "1": (1, 0), "gkg-1": (1e-3, 0),
-                  "g/kg": (1e-3, 0)},
-    "%": {"%": (1, 0), "percent": (1, 0)},
-    "m": {"m": (1, 0), "mm": (1e-3, 0), "kgm-2": (1e-3, 0), "kg/m2": (1e-3, 0)},
-    "(0 - 1)": {"(0-1)": (1, 0), "0-1": (1, 0), "1": (1, 0), "fraction": (1, 0), "~": (1, 0),
-                "dimensionless": (1, 0), "-": (1, 0), "%": (0.01, 0)},
-    "J m**-2": {"jm-2": (1, 0), "j/m2": (1, 0)},
-    "K m**2 kg**-1 s**-1": {"km2kg-1s-1": (1, 0), "pvu": (1e-6, 0)},
-    "s**-1": {"s-1": (1, 0), "1/s": (1, 0)},
-    "Pa s**-1": {"pas-1": (1, 0), "pa/s": (1, 0)},
-    "kg m**-2": {"kgm-2": (1, 0), "kg/m2": (1, 0), "mm": (1, 0)},
-    "~": {"~": (1, 0), "1": (1, 0), "-": (1, 0), "code": (1, 0), "dimensionless": (1, 0)},
-}
-
-#: Canonical variable → (lowest, highest) value, in its WB2 unit: what Earth's atmosphere
-#: (and a model of it) can hold, generous on purpose. A value outside is an unmasked fill value
-#: (-9999, 9.96921e36, 1e20) or data in other units than its ``units`` attribute says (hPa, °C).
-PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
-    "2m_temperature": (50.0, 500.0),
-    "temperature": (50.0, 500.0),
-    "skin_temperature": (50.0, 500.0),
-    "sea_surface_temperature": (200.0, 350.0),
-    "geopotential": (-1e5, 1e6),
-    "geopotential_at_surface": (-1e5, 1e5),
-    "10m_u_component_of_wind": (-500.0, 500.0),
-    "10m_v_component_of_wind": (-500.0, 500.0),
-    "u_component_of_wind": (-500.0, 500.0),
-    "v_component_of_wind": (-500.0, 500.0),
-    "mean_sea_level_pressure": (5e4, 1.5e5),
-    "surface_pressure": (1e4, 1.5e5),
-    "specific_humidity": (-0.01, 0.1),
-    "relative_humidity": (-10.0, 200.0),
-    "total_precipitation_6hr": (-0.01, 10.0),
-    "total_precipitation": (-0.01, 10.0),
-    "convective_precipitation": (-0.01, 10.0),
-    "land_sea_mask": (-0.1, 1.1),
-    "total_cloud_cover": (-0.1, 1.1),
-    "toa_incident_solar_radiation": (-1e3, 1e8),
-    "vertical_velocity": (-100.0, 100.0),
-    "vorticity": (-1.0, 1.0),
-    "divergence": (-1.0, 1.0),
-    "total_column_water": (-1.0, 500.0),
-    "total_column_water_vapour": (-1.0, 500.0),
-}
 
 #: WeatherBench (1) ``constants/`` variables → canonical (``orography`` is converted, m → m² s⁻²).
 WEATHERBENCH1_CONSTANTS: dict[str, str] = {
@@ -304,7 +219,7 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
     if not path.exists():
         return None
     if path.is_dir():
-        if _is_zarr_dir(path):
+        if is_zarr_dir(path):
             return None
         if _weatherbench1_folders(path, names):
             return "weatherbench1"
@@ -314,7 +229,7 @@ def detect_layout(path: str | os.PathLike, names: Mapping[str, str] | None = Non
         return "weatherbench1"  # it reports that no variable folder was recognised
     if is_grib(path):
         return "grib"
-    if _looks_like_netcdf(path) and _ensemble_dims(_peek_dims(path), names):
+    if looks_like_netcdf(path) and _ensemble_dims(_peek_dims(path), names):
         return "ensemble"
     return None
 
@@ -348,53 +263,6 @@ def _require_dask() -> None:
 # Names and units
 # --------------------------------------------------------------------------------------
 
-
-def _normalise_units(units: str) -> str:
-    text = str(units).strip().lower().replace("**", "").replace("^", "")
-    return re.sub(r"\s+", "", text)
-
-
-def convert_units(da: xr.DataArray, canonical: str, where: str) -> xr.DataArray:
-    """``da`` (variable ``canonical``) in its WB2 unit, lazily; raise on an unknown unit.
-
-    A missing ``units`` attribute is taken as the canonical unit already. ``where`` names the
-    file or folder in errors.
-    """
-    if canonical not in UNITS:
-        raise DataError(f"unknown variable '{canonical}' in {where}: no WB2 unit known for it "
-                        f"(known: {sorted(UNITS)}); map its name with `names`")
-    target = UNITS[canonical]
-    attrs = dict(da.attrs)
-    units = attrs.get("units")
-    if units is None or _normalise_units(units) == _normalise_units(target):
-        scale, offset = 1, 0
-    else:
-        table = _CONVERSIONS[target]
-        key = _normalise_units(units)
-        if key not in table:
-            raise DataError(f"variable '{canonical}' in {where} has units '{units}', which "
-                            f"cannot be converted to {target} (accepted: {sorted(table)})")
-        scale, offset = table[key]
-    if (scale, offset) != (1, 0):
-        da = da * scale + offset if offset else da * scale
-    attrs["units"] = target
-    return da.assign_attrs(attrs)
-
-
-def plausible_range(canonical: str, units: str | None) -> tuple[float, float]:
-    """``canonical``'s :data:`PLAUSIBLE_RANGES` in ``units`` (None: its WB2 unit); for another
-    variable, or units this module cannot convert, only fill values (beyond ±1e15) are out."""
-    if canonical not in PLAUSIBLE_RANGES:
-        return _ANY_VALUE
-    low, high = PLAUSIBLE_RANGES[canonical]
-    target = UNITS[canonical]
-    if units is None or _normalise_units(units) == _normalise_units(target):
-        return low, high
-    conversion = _CONVERSIONS[target].get(_normalise_units(units))
-    if conversion is None:
-        return _ANY_VALUE
-    scale, offset = conversion  # canonical = stored · scale + offset, scale > 0
-    return (low - offset) / scale, (high - offset) / scale
 
 
 def _table(names: Mapping[str, str] | None, *extra: Mapping[str, str]) -> dict[str, str]:
@@ -567,7 +435,7 @@ def _folder_variable(name: str, names: Mapping[str, str] | None) -> tuple[str, f
 def _weatherbench1_folders(root: Path, names: Mapping[str, str] | None) -> dict[Path, tuple[str, float | None]]:
     folders = {}
     for child in sorted(root.iterdir()):
-        if child.is_dir() and not _is_zarr_dir(child):
+        if child.is_dir() and not is_zarr_dir(child):
             parsed = _folder_variable(child.name, names)
             if parsed is not None:
                 folders[child] = parsed
@@ -576,7 +444,7 @@ def _weatherbench1_folders(root: Path, names: Mapping[str, str] | None) -> dict[
 
 def _resolution_hint(root: Path, names: Mapping[str, str] | None) -> str:
     nested = [c.name for c in sorted(root.iterdir())
-              if c.is_dir() and not _is_zarr_dir(c) and _weatherbench1_folders(c, names)]
+              if c.is_dir() and not is_zarr_dir(c) and _weatherbench1_folders(c, names)]
     return f"; open one resolution directory instead: {nested}" if nested else ""
 
 
@@ -971,7 +839,7 @@ def _analysis_arrays(cube: xr.Dataset, source: str,
                           _table(names))
     if "level" in cube.coords and cube["level"].ndim == 0:
         cube = cube.expand_dims("level")
-    cube = cube.rename(_rename_table(cube, names))
+    cube = cube.rename(rename_table(cube, names))
     if "time" not in cube.coords:
         raise DataError(f"a hypercube of GRIB file {source} has no time; it has "
                         f"{sorted(map(str, cube.coords))}")

@@ -32,6 +32,25 @@ import torch
 import xarray as xr
 from aurora import Batch, Metadata
 
+from weatherpeft.data import readers
+from weatherpeft.data.canonical import canonicalise
+from weatherpeft.data.layout import (
+    ANY_VALUE,
+    AURORA_NAMES,
+    CANONICAL_DIMS,
+    SOURCE_ATTR,
+    STORE_NAMES,
+    DataError,
+    canonical_name,
+    format_coordinate,
+    is_zarr_dir,
+    level_value,
+    looks_like_netcdf,
+    plausible_range,
+    source_of,
+)
+from weatherpeft.data.paths import resolve_path
+
 __all__ = [
     "AURORA_NAMES",
     "DataError",
@@ -49,6 +68,7 @@ __all__ = [
     "describe_point",
     "find_bad_value",
     "open_period",
+    "open_source",
     "open_store",
     "read_array",
     "read_fields",
@@ -58,105 +78,10 @@ __all__ = [
     "validate",
 ]
 
-#: Store / ERA5 (CF netCDF and GRIB) names → canonical WeatherBench2 names. Dimensions too.
-STORE_NAMES: dict[str, str] = {
-    "t": "temperature",
-    "z": "geopotential",
-    "u": "u_component_of_wind",
-    "v": "v_component_of_wind",
-    "q": "specific_humidity",
-    "t2m": "2m_temperature",
-    "2t": "2m_temperature",
-    "u10": "10m_u_component_of_wind",
-    "10u": "10m_u_component_of_wind",
-    "v10": "10m_v_component_of_wind",
-    "10v": "10m_v_component_of_wind",
-    "msl": "mean_sea_level_pressure",
-    "tp": "total_precipitation_6hr",
-    "lsm": "land_sea_mask",
-    "isobaricInhPa": "level",
-    "pressure_level": "level",
-    "plev": "level",
-    "lat": "latitude",
-    "lon": "longitude",
-    "valid_time": "time",
-    # More ERA5/ECMWF short names (cfgrib and CDS) and CDO's ``-t ecmwf`` upper-case ones;
-    # used by data/readers.py too (WeatherBench 1, ENS-10).
-    "sp": "surface_pressure",
-    "r": "relative_humidity",
-    "w": "vertical_velocity",
-    "d": "divergence",
-    "vo": "vorticity",
-    "pv": "potential_vorticity",
-    "tcc": "total_cloud_cover",
-    "tisr": "toa_incident_solar_radiation",
-    "tcw": "total_column_water",
-    "tcwv": "total_column_water_vapour",
-    "sst": "sea_surface_temperature",
-    "skt": "skin_temperature",
-    "slt": "soil_type",
-    "T2M": "2m_temperature",
-    "U10M": "10m_u_component_of_wind",
-    "V10M": "10m_v_component_of_wind",
-    "MSL": "mean_sea_level_pressure",
-    "Z": "geopotential",
-    "T": "temperature",
-    "U": "u_component_of_wind",
-    "V": "v_component_of_wind",
-    "Q": "specific_humidity",
-    "W": "vertical_velocity",
-    "D": "divergence",
-    "LSM": "land_sea_mask",
-}
-
-#: Canonical WeatherBench2 names → Aurora's variable names in a ``Batch``.
-AURORA_NAMES: dict[str, str] = {
-    "2m_temperature": "2t",
-    "10m_u_component_of_wind": "10u",
-    "10m_v_component_of_wind": "10v",
-    "mean_sea_level_pressure": "msl",
-    "total_precipitation_6hr": "tp",
-    "geopotential": "z",
-    "temperature": "t",
-    "u_component_of_wind": "u",
-    "v_component_of_wind": "v",
-    "specific_humidity": "q",
-    "land_sea_mask": "lsm",
-    "geopotential_at_surface": "z",
-}
-
-_CANONICAL_DIMS = ("time", "level", "longitude", "latitude")
-#: Bounds of a variable without a plausible range: only fill values (9.96921e36, 1e20) are out.
-_ANY_VALUE = (-1e15, 1e15)
-#: Dataset attribute where :func:`open_store` records the path, for error messages.
-SOURCE_ATTR = "weatherpeft_source"
-
-
-class DataError(ValueError):
-    """A store cannot be read or does not hold what a sample needs; the message names the
-    file, the variable and where: coordinate values (time, level in hPa, latitude and
-    longitude in degrees) with their indices (see :func:`describe_point`)."""
-
-
-def _source(ds: xr.Dataset) -> str:
-    return str(ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
-
 
 # --------------------------------------------------------------------------------------
 # Opening and canonicalising a store
 # --------------------------------------------------------------------------------------
-
-
-def _is_zarr_dir(path: Path) -> bool:
-    return any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zmetadata", ".zarray"))
-
-
-def _looks_like_netcdf(path: Path) -> bool:
-    if path.suffix.lower() in {".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5"}:
-        return True
-    with open(path, "rb") as handle:
-        magic = handle.read(8)
-    return magic[:3] == b"CDF" or magic == b"\x89HDF\r\n\x1a\n"
 
 
 def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, *,
@@ -169,9 +94,6 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     ``storage_options``), WeatherBench (1) directories, ENS-10-style ensemble netCDF and
     GRIB files are opened by :mod:`weatherpeft.data.readers`.
     """
-    from weatherpeft.data import readers  # imports this module: resolved at call time
-    from weatherpeft.data.paths import resolve_path
-
     if readers.is_url(path) is None:  # a local path: the working folder, else the checkout
         path = resolve_path(path, "store")
     special = readers.open_special(path, names, storage_options=storage_options)
@@ -181,12 +103,12 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
     if not path.exists():
         raise FileNotFoundError(f"store not found: {path}")
     if path.is_dir():
-        if not _is_zarr_dir(path):
+        if not is_zarr_dir(path):
             raise DataError(f"cannot open {path}: a directory, but not a zarr store "
                             "(no zarr.json, .zgroup or .zmetadata inside)")
         ds = _open_zarr(path)
     else:
-        if not _looks_like_netcdf(path):
+        if not looks_like_netcdf(path):
             raise DataError(f"cannot open {path}: unsupported format (expected a zarr "
                             "directory, a netCDF or a GRIB file)")
         ds = _open_netcdf(path)
@@ -194,6 +116,12 @@ def open_store(path: str | os.PathLike, names: Mapping[str, str] | None = None, 
         raise DataError(f"cannot read {path}: it holds no data variables")
     ds.attrs[SOURCE_ATTR] = str(path)
     return canonicalise(ds, names)
+
+
+def open_source(source: str | os.PathLike | xr.Dataset,
+                names: Mapping[str, str] | None = None) -> xr.Dataset:
+    """A store path opened by :func:`open_store`, or an in-memory dataset put in canonical form."""
+    return canonicalise(source, names) if isinstance(source, xr.Dataset) else open_store(source, names)
 
 
 def _open_zarr(path: Path) -> xr.Dataset:
@@ -255,51 +183,6 @@ def _check_classic_length(path: Path, ds: xr.Dataset) -> None:
                         f"hold {needed:,}")
 
 
-def _rename_table(ds: xr.Dataset, names: Mapping[str, str] | None) -> dict[str, str]:
-    """What to rename in ``ds``; a name whose canonical form already exists is left alone."""
-    table = {**STORE_NAMES, **(names or {})}
-    present = set(ds.variables) | set(ds.dims)
-    renames: dict[str, str] = {}
-    for source, target in table.items():
-        if source not in present or source == target:
-            continue
-        # ERA5 single-level files call the orography "z" too: no level dim → static.
-        if target == "geopotential" and source in ds.data_vars and \
-                not any(table.get(dim, dim) == "level" for dim in ds[source].dims):
-            target = "geopotential_at_surface"
-        if target in present or target in renames.values():
-            continue
-        renames[source] = target
-    return renames
-
-
-def _sorted_ascending(ds: xr.Dataset, dim: str) -> xr.Dataset:
-    """Make coordinate ``dim`` strictly ascending (lazy: a reversed slice or a sort); raise
-    if a value repeats."""
-    values = ds[dim].values
-    if values.size < 2:
-        return ds
-    steps = np.diff(values)
-    if np.all(steps < 0):
-        return ds.isel({dim: slice(None, None, -1)})
-    if np.all(steps > 0):
-        return ds
-    index = pd.Index(values)
-    if index.has_duplicates:
-        repeats = "; ".join(f"{_format_coordinate(v)} at indices {np.nonzero(index == v)[0].tolist()}"
-                            for v in index[index.duplicated()].unique()[:3])
-        raise DataError(f"'{dim}' of {_source(ds)} repeats values: {repeats}")
-    return ds.sortby(dim)
-
-
-def _format_coordinate(value) -> str:
-    if isinstance(value, (np.datetime64, pd.Timestamp)):
-        return str(pd.Timestamp(value))
-    if isinstance(value, np.timedelta64):
-        return str(pd.Timedelta(value))
-    return f"{value:g}" if isinstance(value, (int, float, np.number)) else str(value)
-
-
 #: How messages name a coordinate and an index along each dimension. Rows count from the
 #: north (latitude decreasing, as in a sample: for ERA5 and GRIB files, the file's own rows).
 _POINT_NAMES = {"time": ("time", "store time index"), "prediction_timedelta": ("lead", "lead index"),
@@ -316,7 +199,7 @@ def describe_point(coords: Mapping[str, np.ndarray], where: Mapping[str, int]) -
     for dim in sorted(where, key=lambda d: order.index(d) if d in order else len(order)):
         name, index_name = _POINT_NAMES.get(dim, (dim, f"{dim} index"))
         unit = " hPa" if dim == "level" else ""
-        parts.append(f"{name} {_format_coordinate(coords[dim][where[dim]])}{unit} "
+        parts.append(f"{name} {format_coordinate(coords[dim][where[dim]])}{unit} "
                      f"({index_name} {where[dim]})")
     return ", ".join(parts)
 
@@ -331,91 +214,6 @@ def describe_index(array: xr.DataArray, where: Sequence[int]) -> str:
         at["latitude"] = array.sizes["latitude"] - 1 - at["latitude"]
     return describe_point(coords, at)
 
-
-def _check_monotonic(steps: np.ndarray, dim: str, values: np.ndarray, source: str) -> None:
-    if steps.size == 0 or np.all(steps > 0) or np.all(steps < 0):
-        return
-    direction = np.sign(steps[0]) or 1.0
-    at = int(np.argmax(steps * direction <= 0))
-    raise DataError(f"{dim} of {source} is not strictly monotonic: {values[at]:g} at index {at}, "
-                    f"then {values[at + 1]:g} at index {at + 1}")
-
-
-def _check_grid(ds: xr.Dataset) -> None:
-    """Raise unless latitude is finite, within [-90, 90] and strictly monotonic, and longitude
-    finite and strictly monotonic around the circle (one wrap allowed), covering < 360°."""
-    source = _source(ds)
-    lat = ds["latitude"].values.astype(np.float64)
-    lon = ds["longitude"].values.astype(np.float64)
-    for dim, values in (("latitude", lat), ("longitude", lon)):
-        bad = np.nonzero(~np.isfinite(values))[0]
-        if bad.size:
-            raise DataError(f"{dim} of {source} is {values[bad[0]]} at index {bad[0]}")
-    outside = np.nonzero(np.abs(lat) > 90)[0]
-    if outside.size:
-        raise DataError(f"latitude of {source} is {lat[outside[0]]:g} at index {outside[0]}, "
-                        "outside [-90, 90]")
-    _check_monotonic(np.diff(lat), "latitude", lat, source)
-    around = (np.diff(lon) + 180.0) % 360.0 - 180.0
-    _check_monotonic(around, "longitude", lon, source)
-    if np.abs(around).sum() >= 360.0:
-        raise DataError(f"longitude of {source} runs {lon[0]:g} … {lon[-1]:g}, 360° or more: "
-                        "a meridian appears twice")
-
-
-def canonicalise(ds: xr.Dataset, names: Mapping[str, str] | None = None) -> xr.Dataset:
-    """Put a dataset into WB2's canonical form (idempotent, lazy).
-
-    Renames via :data:`STORE_NAMES` (+ ``names``); level in hPa; longitude in [0, 360);
-    time, level, longitude, latitude ascending; variables transposed to
-    (time, level, longitude, latitude) by name, whatever their order on disk.
-    """
-    ds = ds.rename(_rename_table(ds, names))
-    for dim in ("latitude", "longitude"):
-        if dim not in ds.dims:
-            raise DataError(f"{_source(ds)} has no '{dim}' dimension; it has dims "
-                            f"{sorted(map(str, ds.dims))} (add the mapping to `names`)")
-        if ds[dim].ndim != 1:
-            raise DataError(f"'{dim}' of {_source(ds)} must be a 1-D coordinate, got dims {ds[dim].dims}")
-    _check_grid(ds)
-    if "level" in ds.dims:
-        level = ds["level"]
-        bad = np.nonzero(~np.isfinite(level.values.astype(np.float64)))[0]
-        if bad.size:
-            raise DataError(f"level of {_source(ds)} is {level.values[bad[0]]} at index {bad[0]}")
-        units = str(level.attrs.get("units", "")).strip().lower()
-        if units == "pa" or (not units and float(np.max(level.values)) > 1100):
-            ds = ds.assign_coords(level=level.values / 100.0)
-            ds["level"].attrs["units"] = "hPa"
-    lon = ds["longitude"].values
-    if np.any(lon < 0) or np.any(lon >= 360):
-        ds = ds.assign_coords(longitude=np.mod(lon, 360.0))
-    if "time" in ds.dims:
-        ds = _ensure_datetime64(ds)
-    for dim in _CANONICAL_DIMS:
-        if dim in ds.dims:
-            ds = _sorted_ascending(ds, dim)
-    return ds.transpose(..., *_CANONICAL_DIMS, missing_dims="ignore")
-
-
-def _ensure_datetime64(ds: xr.Dataset) -> xr.Dataset:
-    index = ds.indexes["time"]
-    if isinstance(index, pd.DatetimeIndex):
-        if index.hasnans:
-            at = int(np.argmax(index.isna()))
-            raise DataError(f"time of {_source(ds)} holds no date (NaT) at index {at}")
-        return ds
-    if isinstance(index, xr.CFTimeIndex):
-        try:  # non-standard calendars convert with xarray's warning; gaps then drop samples
-            try:
-                converted = index.to_datetimeindex(time_unit="ns")
-            except TypeError:  # xarray before the time_unit keyword
-                converted = index.to_datetimeindex()
-            return ds.assign_coords(time=converted)
-        except ValueError as error:
-            raise DataError(f"time of {_source(ds)} uses calendar '{index.calendar}', which has no "
-                            f"numpy datetime64 equivalent: {error}") from error
-    raise DataError(f"time coordinate of {_source(ds)} must hold dates, got dtype {ds['time'].dtype}")
 
 
 # --------------------------------------------------------------------------------------
@@ -510,10 +308,7 @@ class StoreSelection:
 
 
 def _resolve_variable(ds: xr.Dataset, name: str, kind: str, spec: SampleSpec, source: str) -> str:
-    table = {**STORE_NAMES, **spec.names}
-    canonical = table.get(name, name)
-    if kind == "static" and canonical == "geopotential":
-        canonical = "geopotential_at_surface"  # Aurora's static "z"
+    canonical = canonical_name(name, spec.names, static=kind == "static")  # static "z": Aurora's orography
     if canonical not in ds.data_vars:
         asked = f" (asked as '{name}')" if canonical != name else ""
         raise DataError(f"variable '{canonical}'{asked} not in store {source}; "
@@ -540,9 +335,6 @@ def _aurora_name(canonical: str, spec: SampleSpec) -> str:
     return table[canonical]
 
 
-def _level_value(level: float) -> int | float:
-    return int(level) if float(level).is_integer() else float(level)
-
 
 def _infer_step_ns(times: np.ndarray, spec: SampleSpec, source: str) -> int:
     if spec.step is not None:
@@ -560,9 +352,7 @@ def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
     Checks variables (listing what the store has), levels (listing what is available) and
     that [start, end] lies inside the store's time range (showing that range).
     """
-    from weatherpeft.data.readers import plausible_range  # imports this module
-
-    source = _source(ds)
+    source = source_of(ds)
     surf = {v: _aurora_name(v, spec) for v in
             (_resolve_variable(ds, n, "surf", spec, source) for n in spec.surf_vars)}
     atmos = {v: _aurora_name(v, spec) for v in
@@ -577,11 +367,11 @@ def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
         for level in wanted:
             match = np.nonzero(np.isclose(available, level))[0]
             if match.size == 0:
-                raise DataError(f"level {_level_value(level)} hPa not in store {source}; "
-                                f"available: {[_level_value(a) for a in available]}")
+                raise DataError(f"level {level_value(level)} hPa not in store {source}; "
+                                f"available: {[level_value(a) for a in available]}")
             level_index.append(int(match[0]))
         level_index_arr = np.asarray(level_index, dtype=np.int64)
-        levels = tuple(_level_value(available[i]) for i in level_index_arr)
+        levels = tuple(level_value(available[i]) for i in level_index_arr)
     else:
         level_index_arr = np.zeros(0, dtype=np.int64)
         levels = ()
@@ -631,7 +421,7 @@ def read_fields(ds: xr.Dataset, name: str, positions: np.ndarray,
     ``level_index`` order), latitude decreasing. Only the needed times and levels are read.
     """
     array = ds[name]
-    extra = {d: 0 for d in array.dims if d not in _CANONICAL_DIMS}
+    extra = {d: 0 for d in array.dims if d not in CANONICAL_DIMS}
     positions = np.asarray(positions)
     index: dict = {"time": _indexer(positions), **extra}
     order = ["time", "latitude", "longitude"]
@@ -639,7 +429,7 @@ def read_fields(ds: xr.Dataset, name: str, positions: np.ndarray,
         index["level"] = _indexer(np.asarray(level_index))
         order.insert(1, "level")
     try:
-        values = read_array(array.isel(index).transpose(*order), _source(ds),
+        values = read_array(array.isel(index).transpose(*order), source_of(ds),
                             _describe_times(ds, positions))
     except DataError:
         if positions.size > 1:  # name the first unreadable time
@@ -664,7 +454,7 @@ def read_static(ds: xr.Dataset, name: str) -> np.ndarray:
     """A static field (H, W) as float32, latitude decreasing; a time axis, if any, is dropped."""
     array = ds[name]
     array = array.isel({d: 0 for d in array.dims if d not in ("latitude", "longitude")})
-    values = read_array(array.transpose("latitude", "longitude"), _source(ds), "its static field")
+    values = read_array(array.transpose("latitude", "longitude"), source_of(ds), "its static field")
     return np.ascontiguousarray(values[::-1, :], dtype=np.float32)
 
 
@@ -700,7 +490,7 @@ def check_finite(values: np.ndarray, name: str, positions: np.ndarray,
     """Raise :class:`DataError` at the first NaN, inf or implausible value (see
     :func:`find_bad_value`) of variable ``name``'s ``values`` (Aurora layout, at store times
     ``positions``), naming the variable, timestamp, level and grid point."""
-    found = find_bad_value(values, selection.bounds.get(name, _ANY_VALUE))
+    found = find_bad_value(values, selection.bounds.get(name, ANY_VALUE))
     if found is None:
         return
     where, what = found
@@ -711,7 +501,7 @@ def check_finite(values: np.ndarray, name: str, positions: np.ndarray,
 
 def check_static(values: np.ndarray, name: str, selection: StoreSelection, source: str) -> None:
     """:func:`check_finite` for a static field (H, W), latitude decreasing."""
-    found = find_bad_value(values, selection.bounds.get(name, _ANY_VALUE))
+    found = find_bad_value(values, selection.bounds.get(name, ANY_VALUE))
     if found is not None:
         where, what = found
         raise DataError(f"{what} in static variable '{name}', {_grid_point(selection, where)}, "
@@ -767,8 +557,8 @@ def open_period(source: str | os.PathLike | xr.Dataset, spec: SampleSpec,
     if spec.start is None or spec.end is None:
         raise ValueError(f"{purpose} needs SampleSpec.start and .end (the training period), "
                          "so that it never includes evaluation times")
-    ds = canonicalise(source, spec.names) if isinstance(source, xr.Dataset) else open_store(source, spec.names)
-    name = _source(ds)
+    ds = open_source(source, spec.names)
+    name = source_of(ds)
     selection = select(ds, spec)
     if selection.positions.size == 0:
         raise DataError(f"no store times in {spec.start} – {spec.end} of {name}")
@@ -800,7 +590,7 @@ class WB2Dataset(torch.utils.data.Dataset):
             self._path = Path(source)
             self._ds = open_store(self._path, self.spec.names)
         self._pid = os.getpid()
-        self.source = _source(self._ds)
+        self.source = source_of(self._ds)
         self.selection = select(self._ds, self.spec)
         self._inputs, self._targets = self._sample_positions()
         if len(self._targets) == 0:

@@ -39,24 +39,17 @@ from aurora.normalisation import level_to_str
 from torch.utils.data import Dataset
 
 from weatherpeft import metrics
+from weatherpeft.data.builtin import store_path
+from weatherpeft.data.forecast import ForecastStore, as_analysis
+from weatherpeft.data.layout import AURORA_NAMES, canonical_name, level_value, source_of
 from weatherpeft.data.stats import NormalisationStats, compute_stats
-from weatherpeft.data.wb2 import (
-    AURORA_NAMES,
-    SOURCE_ATTR,
-    STORE_NAMES,
-    SampleSpec,
-    canonicalise,
-    open_store,
-    read_fields,
-    read_static,
-)
+from weatherpeft.data.wb2 import SampleSpec, open_source, read_fields, read_static
 from weatherpeft.metrics import latitude_weights
 from weatherpeft.tasks.base import SPLITS, Task, TaskVariables
 from weatherpeft.tasks.grid import AURORA_TINY_GRID, PatchGrid
 from weatherpeft.tasks.scoring import channel_name, crop_rows, module_device
 
 __all__ = [
-    "ForecastStore",
     "PostprocessingDataset",
     "PostprocessingTask",
     "default_periods",
@@ -65,9 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Names a forecast store may give its member and lead-time dimensions (first found wins).
-MEMBER_DIMS = ("number", "member", "realization", "ensemble", "ensemble_member")
-LEAD_DIMS = ("prediction_timedelta", "lead_time", "step", "lead")
 SPREAD_SUFFIX = "_spread"
 #: How the heads become (μ, σ): see the module docstring.
 HEAD_FORMS = ("state", "residual")
@@ -95,146 +85,14 @@ def default_periods(init_times: Sequence) -> dict[str, tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------
-# Reading a store in WeatherBench2's forecast layout
+# Names (the forecast store is read by weatherpeft.data.forecast)
 # --------------------------------------------------------------------------------------
-
-
-def _canonical(name: str, names: Mapping[str, str], static: bool = False) -> str:
-    canonical = {**STORE_NAMES, **names}.get(name, name)
-    if static and canonical == "geopotential":
-        canonical = "geopotential_at_surface"  # Aurora's static "z"
-    return canonical
 
 
 def _aurora_name(canonical: str) -> str:
     if canonical not in AURORA_NAMES:
         raise ValueError(f"no Aurora name for variable '{canonical}'")
     return AURORA_NAMES[canonical]
-
-
-def _level_value(level: float) -> int | float:
-    return int(level) if float(level).is_integer() else float(level)
-
-
-def _open(source: str | os.PathLike | xr.Dataset, names: Mapping[str, str]) -> xr.Dataset:
-    if isinstance(source, xr.Dataset):
-        return canonicalise(source, names)
-    return open_store(source, names)
-
-
-class ForecastStore:
-    """An ensemble forecast store in WB2's forecast layout, opened lazily and canonicalised.
-
-    ``member_dim``/``lead_dim`` default to the first of :data:`MEMBER_DIMS`/:data:`LEAD_DIMS`
-    the store has. :meth:`members` reads one variable at one lead for some inits as
-    (n, M, H, W) or (n, M, C, H, W) float32 with latitude decreasing (Aurora's order).
-    """
-
-    def __init__(self, source: str | os.PathLike | xr.Dataset, lead: timedelta, *,
-                 names: Mapping[str, str] | None = None, member_dim: str | None = None,
-                 lead_dim: str | None = None):
-        self.names = dict(names or {})
-        self.ds = _open(source, self.names)
-        self.source = str(self.ds.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
-        dims = sorted(map(str, self.ds.dims))
-        self.member_dim = member_dim or next((d for d in MEMBER_DIMS if d in self.ds.dims), None)
-        self.lead_dim = lead_dim or next((d for d in LEAD_DIMS if d in self.ds.dims), None)
-        if self.member_dim not in self.ds.dims or self.lead_dim not in self.ds.dims \
-                or "time" not in self.ds.dims:
-            raise ValueError(
-                f"{self.source} is not in WeatherBench2's forecast layout: it needs an "
-                f"initialisation 'time', a lead-time dimension (one of {list(LEAD_DIMS)}) and a "
-                f"member dimension (one of {list(MEMBER_DIMS)}); it has dims {dims}")
-        self.n_members = int(self.ds.sizes[self.member_dim])
-        if self.n_members < 2:
-            raise ValueError(f"{self.source} has {self.n_members} member(s) along "
-                             f"'{self.member_dim}': an ensemble spread needs at least 2")
-        leads = pd.to_timedelta(self.ds[self.lead_dim].values)
-        self.lead = pd.Timedelta(lead).to_pytimedelta()
-        matches = np.nonzero(leads == pd.Timedelta(self.lead))[0]
-        if matches.size == 0:
-            raise ValueError(f"lead {self.lead} not in {self.source}; its '{self.lead_dim}' "
-                             f"holds {[str(x) for x in leads]}")
-        self.lead_index = int(matches[0])
-        self.times = self.ds["time"].values.astype("datetime64[ns]")
-        self.lat = self.ds["latitude"].values.astype(np.float64)[::-1].copy()  # decreasing
-        self.lon = self.ds["longitude"].values.astype(np.float64)
-
-    def resolve(self, name: str, kind: str) -> str:
-        """Canonical name of forecast variable ``name`` (surface "surf" or "atmos"); checks dims."""
-        canonical = _canonical(name, self.names)
-        if canonical not in self.ds.data_vars:
-            asked = f" (asked as '{name}')" if canonical != name else ""
-            raise ValueError(f"variable '{canonical}'{asked} not in forecast store {self.source}; "
-                             f"it has: {sorted(map(str, self.ds.data_vars))}")
-        dims = set(self.ds[canonical].dims)
-        needed = {"time", self.lead_dim, self.member_dim, "latitude", "longitude"}
-        if kind == "atmos":
-            needed.add("level")
-        if not needed <= dims or (kind == "surf" and "level" in dims):
-            raise ValueError(f"{kind} forecast variable '{canonical}' in {self.source} has dims "
-                             f"{self.ds[canonical].dims}; expected {sorted(needed)}")
-        return canonical
-
-    def level_index(self, levels: Sequence[float]) -> np.ndarray:
-        available = self.ds["level"].values.astype(np.float64)
-        index = []
-        for level in levels:
-            match = np.nonzero(np.isclose(available, float(level)))[0]
-            if match.size == 0:
-                raise ValueError(f"level {_level_value(level)} hPa not in forecast store "
-                                 f"{self.source}; available: {[_level_value(a) for a in available]}")
-            index.append(int(match[0]))
-        return np.asarray(index, dtype=np.int64)
-
-    def members(self, name: str, positions: np.ndarray,
-                level_index: np.ndarray | None = None) -> np.ndarray:
-        """Members of ``name`` at init indices ``positions``: (n, M, [C,] H, W) float32."""
-        array = self.ds[name]
-        index = {"time": np.asarray(positions), self.lead_dim: self.lead_index}
-        order = ["time", self.member_dim, "latitude", "longitude"]
-        if "level" in array.dims:
-            index["level"] = np.asarray(level_index)
-            order.insert(2, "level")
-        extra = {d: 0 for d in array.dims if d not in (*order, "level", self.lead_dim)}
-        values = array.isel({**index, **extra}).transpose(*order).values
-        values = np.ascontiguousarray(values[..., ::-1, :], dtype=np.float32)
-        if not np.all(np.isfinite(values)):
-            bad = int(np.argwhere(~np.isfinite(values))[0][0])
-            raise ValueError(f"NaN/inf in forecast variable '{name}' for the init "
-                             f"{pd.Timestamp(self.times[positions[bad]])} in {self.source}")
-        return values
-
-
-def _analysis(truth: xr.Dataset, member: int | None) -> xr.Dataset:
-    """The truth store as an analysis: as it is, or one ``member`` at lead 0 of an ensemble
-    store; an ensemble store without a chosen member is refused."""
-    member_dim = next((d for d in MEMBER_DIMS if d in truth.dims), None)
-    lead_dim = next((d for d in LEAD_DIMS if d in truth.dims), None)
-    source = truth.attrs.get(SOURCE_ATTR, "<in-memory dataset>")
-    if member_dim is None and lead_dim is None:
-        if member is not None:
-            raise ValueError(f"truth_member={member} given, but truth store {source} is an "
-                             "analysis (no member dimension)")
-        return truth
-    if member is None:
-        raise ValueError(f"truth store {source} is an ensemble forecast (dims "
-                         f"{sorted(map(str, truth.dims))}), not an analysis: give the analyses "
-                         "that verify the forecasts, or choose a member explicitly (task option "
-                         "truth_member) to use its lead-0 fields as the truth")
-    if member_dim is not None:
-        members = [int(m) for m in truth[member_dim].values]
-        if member not in members:
-            raise ValueError(f"truth_member {member} not in truth store {source}; its "
-                             f"'{member_dim}' holds {members}")
-        truth = truth.sel({member_dim: member}, drop=True)
-    if lead_dim is not None:
-        leads = pd.to_timedelta(truth[lead_dim].values)
-        if not (leads == pd.Timedelta(0)).any():
-            raise ValueError(f"truth store {source} has no lead 0 along '{lead_dim}' (it holds "
-                             f"{[str(x) for x in leads]}): a member's truth is its lead-0 field")
-        truth = truth.isel({lead_dim: int(np.nonzero(leads == pd.Timedelta(0))[0][0])}, drop=True)
-    return truth
 
 
 def _mean_and_spread(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,8 +252,6 @@ class PostprocessingTask(Task):
                  truth_offset: timedelta = timedelta(0),
                  truth_member: int | None = None,
                  grid: PatchGrid | None = AURORA_TINY_GRID):
-        from weatherpeft.data.builtin import store_path
-
         if store is None:
             store = store_path("ensemble")
             truth_store = store_path("downstream") if truth_store is None else truth_store
@@ -420,8 +276,8 @@ class PostprocessingTask(Task):
         self.forecast = ForecastStore(store, lead, names=self.names, member_dim=member_dim,
                                       lead_dim=lead_dim)
         self.lead = self.forecast.lead
-        self.truth = _analysis(_open(truth_store, self.names), truth_member)
-        self.truth_source = str(self.truth.attrs.get(SOURCE_ATTR, "<in-memory dataset>"))
+        self.truth = as_analysis(open_source(truth_store, self.names), truth_member)
+        self.truth_source = source_of(self.truth)
 
         # Variables: canonical store name → Aurora name.
         self._surf = {c: _aurora_name(c) for c in (self.forecast.resolve(n, "surf") for n in surf_vars)}
@@ -430,7 +286,7 @@ class PostprocessingTask(Task):
             raise ValueError("postprocessing needs at least one surface or atmospheric variable")
         self._static = {}
         for n in static_vars:
-            canonical = _canonical(n, self.names, static=True)
+            canonical = canonical_name(n, self.names, static=True)
             if canonical not in self.truth.data_vars:
                 raise ValueError(f"static variable '{canonical}' not in truth store "
                                  f"{self.truth_source}; it has: {sorted(map(str, self.truth.data_vars))}")
@@ -442,7 +298,7 @@ class PostprocessingTask(Task):
         if self._atmos:
             wanted = self.forecast.ds["level"].values if levels is None else levels
             self._forecast_levels = self.forecast.level_index(wanted)
-            self.levels = tuple(_level_value(self.forecast.ds["level"].values[i])
+            self.levels = tuple(level_value(self.forecast.ds["level"].values[i])
                                 for i in self._forecast_levels)
             self._truth_levels = self._truth_level_index(self.levels)
         else:
@@ -484,7 +340,7 @@ class PostprocessingTask(Task):
             match = np.nonzero(np.isclose(available, float(level)))[0]
             if match.size == 0:
                 raise ValueError(f"level {level} hPa not in truth store {self.truth_source}; "
-                                 f"available: {[_level_value(a) for a in available]}")
+                                 f"available: {[level_value(a) for a in available]}")
             index.append(int(match[0]))
         return np.asarray(index, dtype=np.int64)
 
