@@ -202,7 +202,7 @@ class SyntheticForecasting:
 
 def fsdp_step_benchmark(args: argparse.Namespace) -> list[dict]:
     from weatherpeft.backbones import build_backbone, load_backbone
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
     cuda = args.device == "cuda"

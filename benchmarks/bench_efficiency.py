@@ -209,7 +209,7 @@ def worker(backbone_name: str, label: str, steps: int, warmup: int) -> dict:
     import torch
 
     from weatherpeft.adapters import load_merged, save_adapter, save_merged
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.train import TrainConfig, Trainer
 
     torch.set_num_threads(1)

@@ -70,7 +70,7 @@ def worker(preset: str, label: str, height: int, width: int, steps: int, warmup:
     """One case on one grid in this process: its measurements, or the out-of-memory error."""
     import torch
 
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.train import TrainConfig, Trainer
 
     _, method, budget, options = next(case for case in CASES if case[0] == label)

@@ -27,7 +27,7 @@ from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_m
 from weatherpeft.backbones import load_backbone
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.serving import MultiAdapterModel
 
 BACKBONE = Path(__file__).resolve().parents[1] / "models" / "aurora-tiny"

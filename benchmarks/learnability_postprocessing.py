@@ -31,7 +31,7 @@ LISTED = ("2t", "10u", "10v", "t850", "z500")
 
 def run(method: str, args: argparse.Namespace, base_stats) -> dict:
     from weatherpeft.backbones import load_backbone
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.tasks.postprocessing import PostprocessingTask
     from weatherpeft.train import TrainConfig, Trainer, seed_everything
 

@@ -39,7 +39,7 @@ def build_task(name: str, stats, tp_loss: str = "log"):
 
 def run(task_name: str, method: str, args: argparse.Namespace) -> dict:
     from weatherpeft.backbones import load_backbone
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.train import TrainConfig, Trainer, seed_everything
 
     seed_everything(args.seed)

@@ -30,7 +30,7 @@ DEFAULT_LR = 1e-3
 
 def run(method: str, args: argparse.Namespace) -> dict:
     from weatherpeft.backbones import load_backbone
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.tasks.downscaling import DownscalingTask
     from weatherpeft.train import TrainConfig, Trainer, seed_everything
 

@@ -25,7 +25,7 @@ from weatherpeft.adapters import (
     save_merged,
 )
 from weatherpeft.cli import main
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.train import TrainConfig, Trainer
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import weatherpeft
 from weatherpeft.backbones.aurora import AURORA_TINY
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.train import DivergenceError, TrainConfig, Trainer, epoch_permutation, seed_everything
 
 STEPS, BATCH, LR, SEED = 3, 2, 1e-3, 0

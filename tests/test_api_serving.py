@@ -15,7 +15,7 @@ from weatherpeft import MultiAdapterModel
 from weatherpeft.adapters import AdapterError, load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.cli import main
 from weatherpeft.data.stats import NormalisationStats
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.train import TrainConfig, Trainer
 
 #: name → (method, budget, options, protocol): a LoRA, a selection method (sparse entries plus

@@ -23,9 +23,9 @@ from weatherpeft.backbones.prithvi import MERRA2_LEVELS, PRITHVI_PRESETS, Prithv
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.stats import NormalisationStats
 from weatherpeft.data.wb2 import SampleSpec, WB2Dataset, collate_batches
-from weatherpeft.methods.base import apply_method, method_names
 from weatherpeft.methods.hf_peft import target_modules
 from weatherpeft.methods.prompts import PromptInjector
+from weatherpeft.methods.registry import apply_method, method_names
 from weatherpeft.train import TrainConfig, Trainer
 
 STATS = Path(__file__).resolve().parents[1] / "data" / "builtin" / "normalisation.json"

@@ -13,8 +13,9 @@ from conftest import load_pretrained_tiny
 from torch import nn
 
 from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_merged
-from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
+from weatherpeft.methods.base import BudgetError, budget_entries
 from weatherpeft.methods.child_tuning import ChildTuningOptions, RandomMask
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.sfas import selectable_parameters
 from weatherpeft.methods.ssf import SSFOptions, fold_scale_shift
 from weatherpeft.training import TrainConfig, Trainer, TrainingHook

@@ -116,7 +116,7 @@ def test_methods_lists_the_sizes_that_applying_each_method_gives():
     from conftest import PRETRAINED_TINY
 
     from weatherpeft.backbones import load_backbone
-    from weatherpeft.methods.base import apply_method, describe_methods
+    from weatherpeft.methods.registry import apply_method, describe_methods
 
     rows = describe_methods(str(PRETRAINED_TINY), 0.003)
     assert len(rows) >= 10

@@ -27,8 +27,8 @@ from helpers import outputs
 from weatherpeft import distributed
 from weatherpeft.adapters import load_adapter
 from weatherpeft.methods import sfas
-from weatherpeft.methods.base import apply_method
 from weatherpeft.methods.masked_update import MaskedUpdate
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.selection import select_top_k
 from weatherpeft.methods.sfas import FisherSelection, SFASConfig, block_noise
 from weatherpeft.train import TrainConfig, Trainer, seed_everything

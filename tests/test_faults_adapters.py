@@ -28,7 +28,7 @@ from weatherpeft.adapters import (
     load_adapter,
     save_adapter,
 )
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 
 METHOD, BUDGET = "ssf", 0.001  # the cheapest method to build: 32 scale/shift vectors
 
@@ -376,7 +376,7 @@ import sys, time
 import torch
 from weatherpeft import adapters
 from weatherpeft.backbones import load_backbone
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 
 torch.set_num_threads(1)
 adaptation = apply_method("ssf", load_backbone(sys.argv[1]), 0.003)
@@ -419,7 +419,7 @@ def test_sigkill_while_saving_keeps_the_previous_adapter(tmp_path):
     finally:
         process.kill()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
 
     loaded = load_adapter(path, load_backbone(checkpoint)).added_parameters()
     first = apply_method("ssf", load_backbone(checkpoint), 0.003).added_parameters()  # as first saved

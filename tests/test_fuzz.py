@@ -32,7 +32,7 @@ from weatherpeft.adapters import (
 )
 from weatherpeft.config import build_config
 from weatherpeft.finetune import FinetuneConfig, parse_options
-from weatherpeft.methods.base import apply_method, get_method, method_names
+from weatherpeft.methods.registry import apply_method, get_method, method_names
 from weatherpeft.train import TrainConfig
 
 #: Examples per fuzz test (reported by the test run).

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from weatherpeft.adapters import load_adapter, load_merged, save_adapter, save_merged
 from weatherpeft.data.stats import NormalisationStats
-from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
+from weatherpeft.methods.base import BudgetError, budget_entries
 from weatherpeft.methods.hf_peft import SWIN_LINEARS, lora_entries, target_modules
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.train import TrainConfig, Trainer
 
 #: Relative tolerance (of each variable's largest value) for "same outputs up to float rounding".

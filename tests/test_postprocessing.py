@@ -238,7 +238,7 @@ def test_loss_is_differentiable_and_names_a_missing_spread_head(task):
 
 
 def test_spread_heads_are_task_heads_trainable_under_frozen(task):
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
 
     backbone = load_pretrained_tiny(extra_surf_vars=task.variables.new_surf_vars,
                                     extra_atmos_vars=task.variables.new_atmos_vars, stats=task.stats)
@@ -376,7 +376,7 @@ def test_bad_head_form_or_offset_is_refused(pretrained_stats):
 
 
 def test_tiny_fine_tuning_run_evaluates_to_finite_scores(task, tmp_path):
-    from weatherpeft.methods.base import apply_method
+    from weatherpeft.methods.registry import apply_method
     from weatherpeft.train import TrainConfig, Trainer
 
     backbone = load_pretrained_tiny(extra_surf_vars=task.variables.new_surf_vars,

@@ -19,7 +19,7 @@ from conftest import load_pretrained_tiny, make_world
 
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.wb2 import collate_batches, open_store
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.metrics import acc, rmse, seeps
 from weatherpeft.tasks.precipitation import (
     DEFAULT_REGION,

@@ -23,7 +23,8 @@ from weatherpeft.adapters import (
 )
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.finetune import FinetuneConfig
-from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
+from weatherpeft.methods.base import BudgetError, budget_entries
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.sfas import FisherSelection, SFASConfig, _seed, block_noise
 from weatherpeft.methods.weatherpeft import PAPER_PROMPT_LENGTHS, with_paper_prompt_length
 from weatherpeft.train import TrainConfig, Trainer

@@ -7,8 +7,9 @@ import torch
 from conftest import load_pretrained_tiny
 
 from weatherpeft.methods import sfas
-from weatherpeft.methods.base import apply_method, budget_entries
+from weatherpeft.methods.base import budget_entries
 from weatherpeft.methods.masked_update import MaskedUpdate
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.sfas import FisherSelection, SFASConfig, block_noise, noise_at
 from weatherpeft.train import TrainConfig, Trainer
 

@@ -14,8 +14,8 @@ import torch
 from conftest import load_pretrained_tiny
 
 from weatherpeft.data.stats import NormalisationStats
-from weatherpeft.methods.base import apply_method
 from weatherpeft.methods.prompts import PromptInjector
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.tadp import (
     TADP,
     PromptGenerator,

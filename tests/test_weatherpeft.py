@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import load_pretrained_tiny
 
-from weatherpeft.methods.base import BudgetError, apply_method, budget_entries
+from weatherpeft.methods.base import BudgetError, budget_entries
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.methods.tadp import TADP
 from weatherpeft.train import TrainConfig, Trainer
 

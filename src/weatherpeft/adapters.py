@@ -45,8 +45,9 @@ from safetensors.torch import load_file, save_file
 
 from weatherpeft.atomic import atomic_directory
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, Backbone
-from weatherpeft.methods.base import Adaptation, apply_method, check_budget
+from weatherpeft.methods.base import Adaptation, check_budget
 from weatherpeft.methods.prompts import PromptInjector
+from weatherpeft.methods.registry import apply_method
 
 __all__ = ["ADAPTER_FORMAT", "AdapterError", "DeployedModel", "adapter_info", "adapter_tensors",
            "check_adapter_fits", "load_adapter", "load_merged", "read_adapter_config",

@@ -30,8 +30,9 @@ from weatherpeft.adapters import save_adapter as save_adapter_file
 from weatherpeft.backbones.aurora import AuroraBackbone
 from weatherpeft.backbones.base import Backbone
 from weatherpeft.data.stats import NormalisationStats
-from weatherpeft.methods.base import Adaptation, ParameterReport, apply_method
+from weatherpeft.methods.base import Adaptation, ParameterReport
 from weatherpeft.methods.child_tuning import ChildTuningD
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.training import TrainConfig, Trainer
 
 __all__ = ["AdaptedModel", "AdapterError", "adapt", "as_backbone", "load_adapter"]

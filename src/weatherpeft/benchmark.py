@@ -334,7 +334,7 @@ def _val_every(steps: int, points: int) -> int:
 def plan(config: BenchmarkConfig) -> list[Run]:
     """The test runs of ``config`` (its profile narrowed or overridden by the given fields), at
     the fixed or default learning rates; :func:`run_benchmark` sets each to its chosen pair."""
-    from weatherpeft.methods.base import method_names
+    from weatherpeft.methods.registry import method_names
 
     profile = PROFILES[config.profile]
     methods = config.methods or profile.methods

@@ -27,7 +27,7 @@ from weatherpeft.demo import DemoConfig, run_demo
 from weatherpeft.distributed import is_main
 from weatherpeft.evaluation import EvaluateConfig, checkpoint_card, evaluate_adapters, score_checkpoint
 from weatherpeft.finetune import FinetuneConfig, run_finetune
-from weatherpeft.methods.base import describe_methods
+from weatherpeft.methods.registry import describe_methods
 from weatherpeft.pretraining import PretrainConfig, run_pretraining
 from weatherpeft.results import results_markdown
 from weatherpeft.tasks import ENTRY_POINT_GROUP, describe_tasks

@@ -22,7 +22,8 @@ from weatherpeft.adapters import save_adapter
 from weatherpeft.atomic import write_json
 from weatherpeft.backbones import Backbone, backbone_statistics, load_backbone
 from weatherpeft.backbones.base import ENCODER_DECODER_PROTOCOLS, check_encoder_decoder
-from weatherpeft.methods.base import apply_method, check_budget, get_method
+from weatherpeft.methods.base import check_budget
+from weatherpeft.methods.registry import apply_method, get_method
 from weatherpeft.methods.weatherpeft import with_paper_prompt_length
 from weatherpeft.tasks import Task, build_task, parse_task_options
 from weatherpeft.tasks.grid import backbone_grid, check_aurora_variables

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from weatherpeft.backbones import backbone_statistics
 from weatherpeft.finetune import task_backbone
-from weatherpeft.methods.base import apply_method
+from weatherpeft.methods.registry import apply_method
 from weatherpeft.tasks.grid import backbone_grid
 from weatherpeft.tasks.registry import build_task
 

@@ -1,16 +1,8 @@
-"""Fine-tuning methods behind one contract (:mod:`weatherpeft.methods.base`); importing this
-package registers every built-in method."""
+"""Fine-tuning methods behind one contract (:mod:`weatherpeft.methods.base`); the lookup
+(:mod:`weatherpeft.methods.registry`) imports and so registers every built-in method."""
 
-from weatherpeft.methods import adaptformer, child_tuning, frozen, full, hf_peft, sfas, ssf, vpt, weatherpeft  # noqa: F401  (each registers methods)  # noqa: F401
-from weatherpeft.methods.base import (
-                                      Adaptation,
-                                      BudgetError,
-                                      ParameterReport,
-                                      apply_method,
-                                      get_method,
-                                      method_names,
-                                      register_method,
-)
+from weatherpeft.methods.base import Adaptation, BudgetError, ParameterReport, register_method
+from weatherpeft.methods.registry import apply_method, describe_methods, get_method, method_names
 
-__all__ = ["Adaptation", "BudgetError", "ParameterReport", "apply_method", "get_method",
+__all__ = ["Adaptation", "BudgetError", "ParameterReport", "apply_method", "describe_methods", "get_method",
            "method_names", "register_method"]

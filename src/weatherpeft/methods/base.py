@@ -29,7 +29,6 @@ the per-step k.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -54,13 +53,11 @@ __all__ = [
     "BudgetError",
     "MethodSpec",
     "ParameterReport",
-    "apply_method",
     "budget_entries",
     "check_budget",
-    "get_method",
     "match_names",
-    "method_names",
     "register_method",
+    "registered_methods",
 ]
 
 log = logging.getLogger(__name__)
@@ -414,77 +411,7 @@ def register_method(name: str, options: type, summary: str) -> Callable:
     return decorate
 
 
-def _load_builtin_methods() -> None:
-    import weatherpeft.methods  # noqa: F401  (importing registers every built-in method)
-
-
-def method_names() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
-    if not isinstance(name, str) or name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(_METHODS)}")
-    return _METHODS[name]
-
-
-def apply_method(name: str, backbone: Backbone, budget: float,
-                 options: Mapping[str, Any] | None = None,
-                 encoder_decoder: str = "frozen") -> Adaptation:
-    """Apply method ``name`` to ``backbone`` at ``budget`` (fraction of pretrained parameters)
-    under the ``encoder_decoder`` protocol (:data:`ENCODER_DECODER_PROTOCOLS`: "frozen", the
-    default, or "train", the authors': encoder/decoder trained whole by every method, outside
-    the budget).
-
-    Raises ``ValueError`` for an unknown method, a budget outside (0, 1], an unknown protocol
-    or one the backbone cannot honour, or an unknown option or one of the wrong type or value
-    (a pattern that is not a regular expression included); :class:`BudgetError` where the
-    method cannot reach the budget on this backbone.
-    """
-    spec = get_method(name)
-    budget = check_budget(budget)
-    options = spec.make_options(options)
-    backbone.set_encoder_decoder(encoder_decoder)
-    try:
-        return spec.build(backbone, budget, options)
-    except re.error as error:  # include/exclude/targets options are regular expressions
-        raise ValueError(f"method '{name}': option pattern {error.pattern!r} is not a regular "
-                         f"expression: {error}") from error
-
-
-def _option_defaults(options: type) -> dict[str, Any]:
-    defaults = {}
-    for field in dataclasses.fields(options):
-        if field.default is not dataclasses.MISSING:
-            defaults[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            defaults[field.name] = field.default_factory()
-    return defaults
-
-
-def describe_methods(backbone_path: str, budget: float,
-                     encoder_decoder: str = "frozen") -> list[dict[str, Any]]:
-    """Every method: summary, option defaults, and its parameter report at ``budget`` under the
-    ``encoder_decoder`` protocol on the backbone checkpoint ``backbone_path`` (or the reason
-    it cannot reach that budget).
-
-    The checkpoint is loaded once; each method is applied to a deep copy of it (what loading
-    it again would give, at a fraction of the cost)."""
-    from weatherpeft.backbones import load_backbone
-
-    loaded = load_backbone(backbone_path)
-    rows = []
-    for name in method_names():
-        spec = get_method(name)
-        row: dict[str, Any] = {"name": name, "summary": spec.summary,
-                               "options": _option_defaults(spec.options)}
-        try:
-            adaptation = apply_method(name, copy.deepcopy(loaded), budget,
-                                      encoder_decoder=encoder_decoder)
-            row.update(adaptation.report().as_dict(), resolved=adaptation.resolved)
-        except ValueError as error:
-            row["error"] = str(error)
-        rows.append(row)
-    return rows
+def registered_methods() -> dict[str, MethodSpec]:
+    """The methods registered so far, by name (the built-in ones once
+    :mod:`weatherpeft.methods` is imported; :mod:`weatherpeft.methods.registry` looks them up)."""
+    return dict(_METHODS)
