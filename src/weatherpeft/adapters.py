@@ -189,6 +189,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+# Above radon C on purpose: one branch per field of the adapter record, each failing with its own message.
 def _check_record(config: Mapping[str, Any], config_path: Path) -> None:
     """Raise :class:`AdapterError` naming the first missing, mistyped or edited field."""
     def fail(problem: str) -> NoReturn:

@@ -331,6 +331,7 @@ def _val_every(steps: int, points: int) -> int:
     return next(d for d in range(max(1, steps // max(points, 1)), 0, -1) if steps % d == 0)
 
 
+# Above radon C on purpose: one check per overridable field (each with its own message) then the grid's nested loops.
 def plan(config: BenchmarkConfig) -> list[Run]:
     """The test runs of ``config`` (its profile narrowed or overridden by the given fields), at
     the fixed or default learning rates; :func:`run_benchmark` sets each to its chosen pair."""

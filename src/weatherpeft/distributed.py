@@ -229,6 +229,7 @@ def shard_offset(tensor: torch.Tensor) -> int:
     return start * (tensor.numel() // rows if rows else 0)
 
 
+# Above radon C on purpose: an exact distributed top-k: local candidates, global threshold, ties resolved across ranks.
 def sharded_top_k(scores: Callable[[int], torch.Tensor], local_sizes: Sequence[int],
                   positions: Sequence[int], k: int,
                   subsets: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -566,6 +566,7 @@ def _six_hour_totals(tp: xr.DataArray, folder: Path) -> xr.DataArray:
                                 "6 hours ending at the time stamp (sum of hourly ERA5 tp)"})
 
 
+# Above radon C on purpose: folder discovery, variable naming and levels of the WeatherBench 1 layout.
 def open_weatherbench1(root: str | os.PathLike, names: Mapping[str, str] | None = None, *,
                        variables: Iterable[str] | None = None,
                        chunk_bytes: int = _CHUNK_BYTES) -> xr.Dataset:

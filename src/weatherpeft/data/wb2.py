@@ -346,6 +346,7 @@ def _infer_step_ns(times: np.ndarray, spec: SampleSpec, source: str) -> int:
     return int(diffs[np.argmax(counts)])
 
 
+# Above radon C on purpose: checks variables, levels and the time range, each failure listing what the store has.
 def select(ds: xr.Dataset, spec: SampleSpec) -> StoreSelection:
     """Resolve ``spec`` against a canonical dataset; raise a clear :class:`DataError` if it can't.
 

@@ -244,6 +244,7 @@ class Adaptation(torch.nn.Module):
 
     # -- what the Trainer needs -----------------------------------------------------------
 
+    # Above radon C on purpose: one group per role (masked, dense, added, head, enc/dec) × decay, each its lr.
     def param_groups(self, weight_decay: float, new_lr: float | None = None,
                      encoder_decoder_lr: float | None = None) -> list[dict[str, Any]]:
         """AdamW groups: decay on ≥2-D tensors, none on vectors; masked parameters in their own
@@ -347,6 +348,7 @@ class MethodSpec:
         return self.options(**values)
 
 
+# Above radon C on purpose: one branch per option annotation form, each with its own TypeError.
 def _as_option_type(value: Any, annotation: Any) -> Any:
     """``value`` as an option of type ``annotation`` (JSON lists become tuples, a string alone a
     tuple of one, integers floats); ``TypeError`` saying what was expected. Other annotations

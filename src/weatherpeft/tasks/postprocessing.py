@@ -233,6 +233,7 @@ class PostprocessingTask(Task):
 
     name = "postprocessing"
 
+    # Above radon C on purpose: validates every task option before any data are read, each with its own message.
     def __init__(self, store: str | os.PathLike | xr.Dataset | None = None,
                  periods: Mapping[str, tuple] | None = None,
                  stats: NormalisationStats | None = None, *,

@@ -282,6 +282,7 @@ class PrecipitationTask(Task):
 
     name = "precipitation"
 
+    # Above radon C on purpose: validates every task option (design, heads, region, leads) before reading data.
     def __init__(self, store: str | os.PathLike | xr.Dataset | None = None,
                  periods: Mapping[str, tuple[datetime | str, datetime | str]] | None = None,
                  stats: NormalisationStats | None = None, *,

@@ -114,6 +114,7 @@ def task_entry(name: str) -> TaskEntry:
 # -- option values ------------------------------------------------------------------------
 
 
+# Above radon C on purpose: one branch per supported annotation form (Any, unions, tuples, lists, mappings, scalars).
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
     """``value`` (as JSON/YAML gives it) as ``annotation`` says; ValueError naming ``where``
     (the option, with the index or key inside it)."""
