@@ -30,7 +30,9 @@ serve both.
 Runs go to a pool of ``workers`` fresh processes (one run per process, so each run's peak
 memory is its own); under ``torchrun`` every rank runs the grid in order with the profile's
 ``strategy``. ``DIR/benchmark.json`` is rewritten (atomically) after every run, and
-``--resume`` keeps the records (selection and test) it already holds for the same settings.
+``--resume`` reuses the records (selection and test) it already holds for the same settings
+and keeps those of cells outside this command's grid, so a long grid can run in chunks
+(``--tasks``, ``--seeds``, ``--encoder-decoder`` …) into one folder.
 Before starting, the cost model (:func:`estimate_seconds`) prints the expected wall time;
 ``--dry-run`` prints it and stops.
 """
