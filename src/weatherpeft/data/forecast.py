@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from weatherpeft.data.layout import canonical_name, level_value, source_of
+from weatherpeft.data.layout import canonical_name, level_positions, source_of
 from weatherpeft.data.wb2 import open_source
 
 __all__ = ["LEAD_DIMS", "MEMBER_DIMS", "ForecastStore", "as_analysis"]
@@ -77,15 +77,7 @@ class ForecastStore:
         return canonical
 
     def level_index(self, levels: Sequence[float]) -> np.ndarray:
-        available = self.ds["level"].values.astype(np.float64)
-        index = []
-        for level in levels:
-            match = np.nonzero(np.isclose(available, float(level)))[0]
-            if match.size == 0:
-                raise ValueError(f"level {level_value(level)} hPa not in forecast store "
-                                 f"{self.source}; available: {[level_value(a) for a in available]}")
-            index.append(int(match[0]))
-        return np.asarray(index, dtype=np.int64)
+        return level_positions(self.ds["level"].values, levels, f"forecast store {self.source}")
 
     def members(self, name: str, positions: np.ndarray,
                 level_index: np.ndarray | None = None) -> np.ndarray:

@@ -29,6 +29,7 @@ __all__ = [
     "convert_units",
     "format_coordinate",
     "is_zarr_dir",
+    "level_positions",
     "level_value",
     "looks_like_netcdf",
     "plausible_range",
@@ -156,6 +157,20 @@ def format_coordinate(value) -> str:
 def level_value(level: float) -> int | float:
     """A pressure level in hPa as messages spell it: 850, not 850.0."""
     return int(level) if float(level).is_integer() else float(level)
+
+
+def level_positions(available: np.ndarray, levels, where: str) -> np.ndarray:
+    """The positions of ``levels`` (hPa) in the ``available`` level coordinate; ``ValueError``
+    naming the level, ``where`` it was looked for and what is available."""
+    available = np.asarray(available, dtype=np.float64)
+    index = []
+    for level in levels:
+        match = np.nonzero(np.isclose(available, float(level)))[0]
+        if match.size == 0:
+            raise ValueError(f"level {level_value(level)} hPa not in {where}; "
+                             f"available: {[level_value(a) for a in available]}")
+        index.append(int(match[0]))
+    return np.asarray(index, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from weatherpeft import metrics
 from weatherpeft.data.builtin import store_path
 from weatherpeft.data.forecast import ForecastStore, as_analysis
-from weatherpeft.data.layout import AURORA_NAMES, canonical_name, level_value, source_of
+from weatherpeft.data.layout import AURORA_NAMES, canonical_name, level_positions, level_value, source_of
 from weatherpeft.data.stats import NormalisationStats, compute_stats
 from weatherpeft.data.wb2 import SampleSpec, open_source, read_fields, read_static
 from weatherpeft.metrics import latitude_weights
@@ -335,15 +335,7 @@ class PostprocessingTask(Task):
     def _truth_level_index(self, levels: Sequence[float]) -> np.ndarray:
         if "level" not in self.truth.dims:
             raise ValueError(f"truth store {self.truth_source} has no 'level' dimension")
-        available = self.truth["level"].values.astype(np.float64)
-        index = []
-        for level in levels:
-            match = np.nonzero(np.isclose(available, float(level)))[0]
-            if match.size == 0:
-                raise ValueError(f"level {level} hPa not in truth store {self.truth_source}; "
-                                 f"available: {[level_value(a) for a in available]}")
-            index.append(int(match[0]))
-        return np.asarray(index, dtype=np.int64)
+        return level_positions(self.truth["level"].values, levels, f"truth store {self.truth_source}")
 
     def _check_grids(self) -> None:
         lat = self.truth["latitude"].values[::-1]
