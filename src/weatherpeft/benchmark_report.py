@@ -469,7 +469,7 @@ SUMMARY_NAMES = {"downscaling": "RMSE / bilinear, mean of the variables",
 
 
 def protocol_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Both protocols side by side (first accounting, smallest budget of each method), one
+    """Both protocols side by side (per-step accounting, smallest budget of each method), one
     summary score per task, and the gap between full fine-tuning and the encoder/decoder alone:
     what the protocol decides. Empty unless both protocols ran a method besides "frozen"."""
     if set(protocols(records)) != {"frozen", "train"}:
