@@ -29,10 +29,12 @@ __all__ = ["apply_method", "describe_methods", "get_method", "method_names"]
 
 
 def method_names() -> list[str]:
+    """Every registered method's name, sorted (the built-in ones and any registered since)."""
     return sorted(registered_methods())
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``; ``ValueError`` listing the known ones otherwise."""
     methods = registered_methods()
     if not isinstance(name, str) or name not in methods:
         raise ValueError(f"unknown method {name!r}; known: {sorted(methods)}")
